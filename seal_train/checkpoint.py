@@ -33,11 +33,12 @@ def library_versions() -> dict[str, str]:
 
     from . import __version__
 
+    # str(): torch.__version__ is a TorchVersion object, which weights_only loading rejects.
     return {
-        "seal_suite": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
+        "seal_suite": str(__version__),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "numpy": str(numpy.__version__),
         "python": platform.python_version(),
     }
 
@@ -78,6 +79,12 @@ def make_meta(
     }
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, fsync it, then rename it over path.
 
@@ -92,6 +99,8 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             torch.save(obj, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates the file readable by its owner only; give it the usual permissions.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
