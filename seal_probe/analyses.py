@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -117,6 +118,15 @@ class AnalysisRecord:
         return asdict(self)
 
 
+def require_eager_module(loaded: LoadedModel, analysis: str) -> None:
+    """Raise for a TorchScript model, which supports neither forward hooks nor requires_grad_ changes."""
+    if isinstance(loaded.model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"{loaded.path} is a TorchScript archive, whose modules support neither the forward hooks nor the "
+            f"requires_grad_ changes that {analysis} needs; load the model's state dict with --arch or --model-def instead"
+        )
+
+
 def resolve_dataset(loaded: LoadedModel, options: DataOptions) -> tuple[str, str | None]:
     """Return (dataset name, root): the requested one, or the one a suite checkpoint was trained on."""
     if options.dataset is not None:
@@ -147,6 +157,7 @@ def _self_positions(support: ProbeData, queries: ProbeData) -> np.ndarray:
 
 def measure_depth(loaded: LoadedModel, data: DataOptions, options: DepthOptions, *, device: str | None = None) -> tuple[DepthResult, AnalysisRecord]:
     """Measure prediction depth of one checkpoint; the model is verified unchanged afterwards."""
+    require_eager_module(loaded, "prediction depth")
     support = _probe_data(loaded, data, split=options.support_split, size=options.support_size, seed=options.seed)
     if options.query_split == options.support_split and options.query_size == options.support_size:
         queries = support
@@ -186,6 +197,7 @@ def measure_depth(loaded: LoadedModel, data: DataOptions, options: DepthOptions,
 
 def measure_hessian(loaded: LoadedModel, data: DataOptions, options: HessianOptions, *, device: str | None = None) -> tuple[HessianReport, AnalysisRecord]:
     """Measure the Hessian spectrum of one checkpoint's mean loss over a fixed example set."""
+    require_eager_module(loaded, "the Hessian analysis")
     examples = _probe_data(loaded, data, split=options.split, size=options.examples, seed=options.seed)
     target = torch.device(device) if device else next(loaded.model.parameters()).device
     batches = [
@@ -228,11 +240,21 @@ def measure_hessian(loaded: LoadedModel, data: DataOptions, options: HessianOpti
     return report, record
 
 
+@contextmanager
+def _target_root_option() -> Iterator[None]:
+    """Name transfer's --target-root in dataset errors, which speak of training's --data-root."""
+    try:
+        yield
+    except DatasetError as error:
+        raise type(error)(str(error).replace("--data-root", "--target-root")) from error
+
+
 def measure_transfer(loaded: LoadedModel, data: DataOptions, options: TransferOptions, *, device: str | None = None) -> tuple[TransferResult, AnalysisRecord]:
     """Measure linear-probe and few-shot transfer of one checkpoint's frozen features to a target."""
+    require_eager_module(loaded, "transfer")
     few_shot = FewShotSettings(n_way=options.n_way, k_shot=options.k_shot, n_query=options.n_query, episodes=options.episodes) if options.few_shot else None
 
-    with model_unchanged(loaded.model):
+    with model_unchanged(loaded.model), _target_root_option():
         result = run_transfer(
             loaded.model,
             options.target,

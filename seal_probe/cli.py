@@ -15,7 +15,7 @@ import typer
 
 from seal_train.runs import write_json_atomic
 
-from .analyses import DataOptions, DepthOptions, HessianOptions, TransferOptions, measure_depth, measure_hessian, measure_transfer
+from .analyses import DataOptions, DepthOptions, HessianOptions, TransferOptions, measure_depth, measure_hessian, measure_transfer, require_eager_module
 from .integrity import ModelChangedError
 from .loading import LoadedModel, load_model
 
@@ -78,6 +78,8 @@ def _setup_logging(verbose: bool) -> None:
 def _resolve_device(device: str | None) -> str:
     import torch
 
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     if device:
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,9 +118,14 @@ def run_command(body: Callable[[], int | None]) -> None:
     except ModelChangedError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(3) from None
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, EOFError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as error:
+        # An output path that is a file, a full disk, a folder without write permission.
+        where = f" {error.filename}" if error.filename else ""
+        typer.echo(f"error: cannot write or read{where}: {error.strerror or error}; check --out and the disk", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted; no output was written for the checkpoint in progress", err=True)
@@ -363,6 +370,7 @@ def layers(
         from .layers import probe_points
 
         loaded = load_model(checkpoint, **_load_options(arch, model_def, num_classes, in_channels, input_size, mean, std, trust_checkpoint, allow_partial, ema, "cpu"))
+        require_eager_module(loaded, "layers")
         spec = loaded.input_spec
         for point in probe_points(loaded.model, patterns, input_shape=(spec.channels, spec.height, spec.width)):
             typer.echo(point.layer)
@@ -480,6 +488,11 @@ def study(
 
 def main() -> None:
     """Entry point of the `seal-probe` console script."""
+    import warnings
+
+    # torch.func's forward-mode decompositions call torch.jit.script, and loading a TorchScript
+    # archive calls torch.jit.load; torch 2.14 warns about both on every use.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
     app()
 
 

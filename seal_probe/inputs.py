@@ -121,6 +121,12 @@ def balanced_subset(labels: torch.Tensor, subset_size: int, *, seed: int) -> np.
     rng = np.random.default_rng(seed)
     labels_np = labels.numpy()
     classes, counts = np.unique(labels_np, return_counts=True)
+    if subset_size < len(classes):
+        log.warning(
+            "a subset of %d examples cannot contain all %d classes, so %d classes have no example; "
+            "pass a subset size of at least %d for k-NN probes that can predict every class",
+            subset_size, len(classes), len(classes) - subset_size, len(classes),
+        )
     quotas = _class_quotas(counts, int(subset_size), rng)
 
     chosen = []

@@ -473,7 +473,7 @@ def _static_unsafe_globals(path: Path) -> list[str]:
         return []
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except (ValueError, RuntimeError, pickle.UnpicklingError, KeyError):
+    except (ValueError, RuntimeError, pickle.UnpicklingError, KeyError, EOFError):
         # Legacy (non-zip) files cannot be scanned, and damaged ones fail in torch.load next.
         return []
 

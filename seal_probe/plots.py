@@ -27,8 +27,8 @@ def _final(entries: list["CheckpointEntry"]) -> list["CheckpointEntry"]:
     return [members[-1] for members in _by_run(entries).values()]
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
-    figure.tight_layout()
+def _save(figure: plt.Figure, path: Path, *, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
+    figure.tight_layout(rect=rect)
     temporary = path.with_name(f".{path.stem}.partial.png")
     figure.savefig(temporary, dpi=120)
     plt.close(figure)
@@ -46,8 +46,9 @@ def _line_plot(entries, value, *, title: str, ylabel: str, path: Path, error=Non
             continue
         generations = [p[0] for p in points]
         values = np.array([p[1] for p in points]) * (100 if percent else 1)
-        if error is not None and all(p[2] is not None for p in points):
-            errors = np.array([p[2] for p in points]).T * (100 if percent else 1)
+        if error is not None and any(p[2] is not None for p in points):
+            # A point without an interval (too few examples) gets no bar rather than hiding all bars.
+            errors = np.array([p[2] if p[2] is not None else (np.nan, np.nan) for p in points]).T * (100 if percent else 1)
             axes.errorbar(generations, values, yerr=errors, marker="o", capsize=3, label=run)
         else:
             axes.plot(generations, values, marker="o", label=run)
@@ -141,10 +142,11 @@ def plot_transfer_bars(entries, path: Path, *, group: str) -> Path | None:
         panel.set_xlabel("Generation")
         panel.set_ylabel("Test accuracy (%)")
         panel.set_title(title)
-        panel.set_ylim(0, 105)
-        panel.legend(title="Run (strategy)", loc="lower right", fontsize=8)
+        panel.set_ylim(0, 100)
+    handles, labels = panels[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, title="Run (strategy)", loc="center right")
     figure.suptitle(f"Transfer of frozen features\n{group}")
-    return _save(figure, path)
+    return _save(figure, path, rect=(0, 0, 0.85, 1))
 
 
 def write_report_plots(entries: list["CheckpointEntry"], out_dir: Path, *, suffix: str, group: str) -> list[Path]:

@@ -613,21 +613,21 @@ class HessianOperator:
                 squared_norm += float(total.double().square().sum())
         self.gradient_norm = math.sqrt(squared_norm)
 
-        kept = []
+        used_pairs = []
         for name, primal, is_used in zip(self._names, self._primals, used):
             if is_used:
-                kept.append((name, primal))
+                used_pairs.append((name, primal))
             else:
                 self.excluded_parameters[name] = "receives no gradient from the loss"
-        if not kept:
+        if not used_pairs:
             raise HessianError(
                 "none of the selected parameters receives a gradient from the loss; "
                 "check that the model's forward uses them"
             )
-        if len(kept) < len(self._names):
+        if len(used_pairs) < len(self._names):
             logger.info("Excluding parameters from the Hessian: %s", self.excluded_parameters)
-        self._names = [name for name, _ in kept]
-        self._primals = tuple(primal for _, primal in kept)
+        self._names = [name for name, _ in used_pairs]
+        self._primals = tuple(primal for _, primal in used_pairs)
 
     def _initial_hvp_mode(self, hvp_mode: HvpMode) -> str:
         if self.finite_differences:

@@ -143,8 +143,8 @@ class PyHessianEngine:
       computed here (one extra PyHessian product per eigenvalue) are those of the returned vector.
     - trace: PyHessian stops when the running mean of z^T H z changes by less than tol relative,
       and its test divides by (running mean + 1e-6), so it stops after two samples whenever the
-      running mean is negative. The result's notes say when either happened; loop="fixed" draws
-      exactly the requested number of samples with PyHessian's own products.
+      running mean is negative. The result's notes record when either happened. loop="fixed"
+      draws exactly the requested number of samples with PyHessian's own products.
     - density: the same stochastic Lanczos quadrature, but PyHessian builds and diagonalises the
       tridiagonal in the default dtype (set here to the operator's dtype, float32 unless
       dtype=torch.float64) rather than float64, and after a breakdown it continues from a
