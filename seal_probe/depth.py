@@ -24,7 +24,10 @@ from .layers import DEFAULT_MAX_DIM, EmbeddingStore, extract_embeddings, probe_p
 
 log = logging.getLogger(__name__)
 
-CI_METHOD = "Student t interval on the mean depth of consistent examples: mean +/- t(0.975, n-1) * s / sqrt(n)"
+CI_METHOD = (
+    "Student t interval on the mean depth of consistent examples: mean +/- t(0.975, n-1) * s / sqrt(n), "
+    "clipped to [0, number of probe layers - 1]"
+)
 DEPTH_DEFINITION = (
     "depth of x = smallest probe layer index l such that the k-NN probe at every layer m >= l predicts "
     "the network's own prediction argmax f(x); layer 0 is the input. An example whose last probe disagrees "
@@ -67,8 +70,17 @@ def compute_prediction_depth(probe_predictions: np.ndarray, network_predictions:
     return depths, consistent
 
 
-def mean_with_interval(values: np.ndarray, *, confidence: float = 0.95) -> tuple[float | None, tuple[float, float] | None]:
-    """Return the mean and its Student t confidence interval (None for no values, no interval below 2 values)."""
+def mean_with_interval(
+    values: np.ndarray,
+    *,
+    confidence: float = 0.95,
+    bounds: tuple[float, float] | None = None,
+) -> tuple[float | None, tuple[float, float] | None]:
+    """Return the mean and its Student t confidence interval (None for no values, no interval below 2 values).
+
+    With bounds, the interval is clipped to the range the values can take (depths lie in
+    [0, number of probe layers - 1]), which matters when few examples are consistent.
+    """
     from scipy import stats  # imported here because scipy.stats takes over a second to import
 
     values = np.asarray(values, dtype=np.float64)
@@ -78,7 +90,10 @@ def mean_with_interval(values: np.ndarray, *, confidence: float = 0.95) -> tuple
     if len(values) < 2:
         return mean, None
     half_width = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return mean, (mean - half_width, mean + half_width)
+    low, high = mean - half_width, mean + half_width
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return mean, (low, high)
 
 
 # ---------------------------------------------------------------- results
@@ -201,7 +216,7 @@ def summarise_depths(
         for info, row in zip(layer_info, probe_predictions)
     ]
 
-    mean, interval = mean_with_interval(depths[consistent])
+    mean, interval = mean_with_interval(depths[consistent], bounds=(0, len(layers) - 1))
     histogram = np.bincount(depths[consistent].astype(np.int64), minlength=len(layers))
     never = int((~consistent).sum())
     return DepthResult(

@@ -14,6 +14,7 @@ from torch import nn
 
 from .data import InputSpec
 from .models import build_model
+from .runs import name_target_file
 
 FORMAT = "seal-suite-checkpoint"
 FORMAT_VERSION = 1
@@ -89,7 +90,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, fsync it, then rename it over path.
 
     A process killed at any moment leaves either the old file or the new one, never a
-    truncated file.
+    truncated file. An OSError (full disk, missing permission) propagates with filename set to path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +103,10 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
         # mkstemp creates the file readable by its owner only; give it the usual permissions.
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            name_target_file(error, path, temporary)
         raise
     return path
 

@@ -33,7 +33,7 @@ from .distributed import (
     wrap_model,
 )
 from .epoch import EpochTotals, StepSettings, evaluate, train_epoch
-from .models import build_model, split_parameters
+from .models import build_model, check_arch_kwargs, split_parameters
 from .reproducibility import capture_rng_state, deterministic_algorithms, restore_rng_state, seed_everything
 from .runs import (
     CONFIG_FILE,
@@ -48,6 +48,7 @@ from .runs import (
     RunFolderError,
     RunRecord,
     check_new_run_folder,
+    describe_os_error,
     prepare_run_folder,
     read_saved_config,
     write_json_atomic,
@@ -166,7 +167,10 @@ class TrainingData:
     info: dict[str, Any]
 
 
-def _random_subset(dataset: ImageDataset, count: int | None, *, seed: int) -> ImageDataset:
+def _random_subset(dataset: ImageDataset, count: int | None, *, seed: int, option: str, split: str) -> ImageDataset:
+    """Draw a seeded subset of count examples; a count above the dataset's size keeps every example."""
+    if count is not None and count > len(dataset):
+        log.warning("%s %d is more than the %d examples of the %s set, so it is capped at %d", option, count, len(dataset), split, len(dataset))
     if count is None or count >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
@@ -185,8 +189,8 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         val = load_dataset(config.dataset, root=config.data_root, split="test", image_size=image_size)
         validation = "test split"
 
-    train = _random_subset(train, config.train_examples, seed=config.seed)
-    val = _random_subset(val, config.val_examples, seed=config.seed + 1)
+    train = _random_subset(train, config.train_examples, seed=config.seed, option="train_examples", split="training")
+    val = _random_subset(val, config.val_examples, seed=config.seed + 1, option="val_examples", split="validation")
     if len(val) == 0:
         raise DatasetError(f"the validation set is empty; raise --val-fraction (now {config.val_fraction})")
     if val.images.shape[1:] != train.images.shape[1:]:
@@ -299,6 +303,8 @@ def _open_session(config: TrainConfig, context: DistributedContext) -> Session:
     if config.batch_size % context.world_size:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {context.world_size} processes; pass a multiple of {context.world_size}")
     settings = _step_settings(config, context.device)
+    # Checked before the data loads, which can take minutes for a large dataset.
+    check_arch_kwargs(config.arch, config.arch_kwargs)
 
     data = load_training_data(config)
     model = build_run_model(config, data)
@@ -354,12 +360,18 @@ def _meta(session: Session, *, kind: str, generation: int, epochs_done: int) -> 
 
 
 def _save_named_checkpoint(session: Session, *, kind: str, generation: int, epochs_done: int) -> None:
-    """Write gen{g}.pt or gen{g}-ascent.pt and list it in run.json (main process only)."""
+    """Write gen{g}.pt or gen{g}-ascent.pt and list it in run.json at once (main process only).
+
+    Writing run.json right away keeps the file written in its list if a later write fails.
+    """
+    # NOTE: only the main process writes, so in a distributed run an OSError here stops rank 0
+    # while the other processes wait in their next collective until its timeout.
     if not session.context.is_main:
         return
     filename = f"gen{generation}.pt" if kind == KIND_GENERATION else f"gen{generation}-ascent.pt"
     save_checkpoint(session.run_dir / filename, model=session.net, meta=_meta(session, kind=kind, generation=generation, epochs_done=epochs_done))
     session.record.add_checkpoint(CheckpointRecord(generation, kind, filename, epochs_done))
+    _write_record(session, STATUS_RUNNING)
     log.info("saved %s", session.run_dir / filename)
 
 
@@ -393,6 +405,15 @@ def _write_record(session: Session, status: str, message: str = "") -> None:
     session.record.status = status
     session.record.message = message
     write_json_atomic(session.run_dir / RUN_FILE, session.record.to_dict())
+
+
+def _record_failure(session: Session, error: OSError) -> None:
+    """Mark run.json as failed with the OSError that stopped the run; a second OSError is logged, not raised."""
+    message = f"{describe_os_error(error)}; run.json lists the checkpoints written before it"
+    try:
+        _write_record(session, STATUS_FAILED, message)
+    except OSError as record_error:
+        log.warning("could not mark %s as failed: %s", session.run_dir / RUN_FILE, describe_os_error(record_error))
 
 
 def _restore_latest(session: Session) -> None:
@@ -590,7 +611,14 @@ def _execute(config: TrainConfig, *, resume: bool, overwrite: bool, callback: Ba
         except NonFiniteLossError as error:
             _write_record(session, STATUS_FAILED, f"{error}; the checkpoints written before it are kept")
             raise
-        _write_record(session, STATUS_FINISHED)
+        except OSError as error:
+            _record_failure(session, error)
+            raise
+        try:
+            _write_record(session, STATUS_FINISHED)
+        except OSError as error:
+            _record_failure(session, error)
+            raise
         return _result(session, time.perf_counter() - started)
     finally:
         teardown_distributed(context)
@@ -605,6 +633,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, callback: BatchCallba
 
     Raises RunFolderError if the folder already contains a run (unless overwrite), TrainingInterrupted
     after Ctrl-C (a resumable latest.pt is saved) and NonFiniteLossError when the loss becomes NaN.
+    An OSError during the epochs (a full disk) propagates after run.json is marked failed.
     callback, if given, is called before and after every optimizer step with a BatchEvent.
     """
     return _execute(config, resume=False, overwrite=overwrite, callback=callback)
@@ -621,6 +650,10 @@ def resume(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, call
     # NOTE: in a multi-node run every node reads latest.pt and config.json from run_dir, so the run
     # folder must be on a file system that all nodes share.
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunFolderError(f"run folder {run_dir} not found; check the path")
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; check the path")
     if not (run_dir / LATEST_FILE).is_file():
         raise RunFolderError(f"{run_dir} has no {LATEST_FILE} to resume from; start it again with --overwrite")
     saved = config_from_dict(read_saved_config(run_dir))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
     ) -> None:
         super().__init__()
+        if not isinstance(widths, (list, tuple)) or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+            raise ModelError(f"widths must be a list of {len(blocks_per_stage)} positive integers, got {widths!r}")
         if len(widths) != len(blocks_per_stage):
             raise ModelError(f"{len(widths)} widths for {len(blocks_per_stage)} stages; give one width per stage")
         if stem not in ("imagenet", "cifar"):
@@ -97,22 +100,65 @@ def _replace_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     raise ModelError(f"{type(model).__name__} has no Conv2d whose input channels could be set to {in_channels}")
 
 
+# A builder takes num_classes and in_channels positionally; its keyword-only parameters are the
+# keys that arch_kwargs may set.
 ModelBuilder = Callable[..., nn.Module]
+RESNET_WIDTHS = (64, 128, 256, 512)
+
+
+def _resnet18(num_classes: int, in_channels: int, *, widths: tuple[int, ...] = RESNET_WIDTHS) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), widths=widths, num_classes=num_classes, in_channels=in_channels, stem="imagenet")
+
+
+def _resnet50(num_classes: int, in_channels: int, *, widths: tuple[int, ...] = RESNET_WIDTHS) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), widths=widths, num_classes=num_classes, in_channels=in_channels, stem="imagenet")
+
+
+def _cifar_resnet18(num_classes: int, in_channels: int, *, widths: tuple[int, ...] = RESNET_WIDTHS) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), widths=widths, num_classes=num_classes, in_channels=in_channels, stem="cifar")
+
+
+def _resnet_narrow(num_classes: int, in_channels: int, *, widths: tuple[int, ...] = (16, 32, 64, 128)) -> ResNet:
+    # Sized for the CPU demo: one BasicBlock per stage and widths 16..128 (about 0.3M parameters).
+    return ResNet(BasicBlock, (1, 1, 1, 1), widths=widths, num_classes=num_classes, in_channels=in_channels, stem="cifar")
+
 
 MODELS: dict[str, ModelBuilder] = {
-    "resnet18": lambda num_classes, in_channels, **kw: ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, stem="imagenet", **kw),
-    "resnet50": lambda num_classes, in_channels, **kw: ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, stem="imagenet", **kw),
-    "cifar-resnet18": lambda num_classes, in_channels, **kw: ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, stem="cifar", **kw),
-    # Sized for the CPU demo: one BasicBlock per stage and widths 16..128 (about 0.3M parameters).
-    "resnet-narrow": lambda num_classes, in_channels, **kw: ResNet(
-        BasicBlock, (1, 1, 1, 1), widths=kw.pop("widths", (16, 32, 64, 128)), num_classes=num_classes, in_channels=in_channels, stem="cifar", **kw
-    ),
+    "resnet18": _resnet18,
+    "resnet50": _resnet50,
+    "cifar-resnet18": _cifar_resnet18,
+    "resnet-narrow": _resnet_narrow,
 }
 TORCHVISION_PREFIX = "torchvision:"
 
 
 def available_architectures() -> list[str]:
     return [*MODELS, f"{TORCHVISION_PREFIX}<name>"]
+
+
+def arch_kwargs_keys(arch: str) -> list[str]:
+    """Return the keys that arch_kwargs may set for a registry architecture: its builder's keyword-only parameters."""
+    if arch not in MODELS:
+        raise ModelError(f"unknown architecture {arch!r}; choose one of: {', '.join(available_architectures())}")
+    parameters = inspect.signature(MODELS[arch]).parameters.values()
+    return [parameter.name for parameter in parameters if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def check_arch_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
+    """Raise ModelError for an unknown registry architecture or an arch_kwargs key its builder does not take.
+
+    torchvision models and registered builders with **kwargs pass their keyword arguments on, so
+    their keys are checked only when build_model constructs the model.
+    """
+    if arch.startswith(TORCHVISION_PREFIX):
+        return
+    valid = arch_kwargs_keys(arch)
+    parameters = inspect.signature(MODELS[arch]).parameters.values()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return  # a builder that takes **kwargs checks its keys itself
+    for key in kwargs:
+        if key not in valid:
+            raise ModelError(f"unknown --arch-kwargs key {key!r} for {arch}; valid keys: {', '.join(valid) or 'none'}")
 
 
 def build_model(arch: str, *, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -125,10 +171,15 @@ def build_model(arch: str, *, num_classes: int, in_channels: int = 3, **kwargs) 
         name = arch[len(TORCHVISION_PREFIX):]
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ModelError(f"unknown torchvision classification model {name!r}; see torchvision.models.list_models()")
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        except TypeError as error:
+            if not kwargs:
+                raise
+            # The model class rejects an unexpected keyword or a value of the wrong type.
+            raise ModelError(f"invalid --arch-kwargs {kwargs} for {arch}: {error}") from error
         return _replace_input_channels(model, in_channels) if in_channels != 3 else model
-    if arch not in MODELS:
-        raise ModelError(f"unknown architecture {arch!r}; choose one of: {', '.join(available_architectures())}")
+    check_arch_kwargs(arch, kwargs)
     return MODELS[arch](num_classes, in_channels, **kwargs)
 
 

@@ -96,8 +96,28 @@ class RunRecord:
         self.checkpoints.append(record)
 
 
+def describe_os_error(error: OSError) -> str:
+    """Format an OSError as one line: the file it names (if any) and the operating system's reason."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.errno is not None and error.strerror:
+        reason = f"{reason} (errno {error.errno})"
+    return f"cannot write or read {error.filename}: {reason}" if error.filename else reason
+
+
+def name_target_file(error: OSError, path: Path, temporary: str) -> None:
+    """Make an OSError raised while writing the temporary file of an atomic write name path instead.
+
+    The temporary file is deleted after the failure, so a message naming it would point nowhere.
+    """
+    if error.filename is None or str(error.filename) == str(temporary):
+        error.filename = str(path)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder and rename it over path."""
+    """Write JSON to a temporary file in the same folder and rename it over path.
+
+    An OSError (full disk, missing permission) propagates with filename set to path.
+    """
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
@@ -110,8 +130,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            name_target_file(error, path, temporary)
         raise
 
 

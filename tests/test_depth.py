@@ -210,3 +210,16 @@ def test_run_label_count_mismatch_rejected():
     support, labels = tiny_data(6, 30)
     with pytest.raises(DepthError, match="query_labels needs one label per example: 3"):
         run_prediction_depth(tiny_model(), support, labels, support[:3], labels[:4], k=3)
+
+
+def test_interval_clipped_to_depth_range():
+    from scipy import stats
+
+    values = np.array([0.0, 7.0])
+    half_width = stats.t.ppf(0.975, 1) * values.std(ddof=1) / np.sqrt(2)
+
+    mean, interval = mean_with_interval(values, bounds=(0, 7))
+
+    assert mean == 3.5
+    assert 3.5 - half_width < 0
+    assert interval == (0, 7)
