@@ -346,7 +346,11 @@ def run_prediction_depth(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         support_store = extract_embeddings(model, support_images, names, **extract)
-        query_store = support_store if same_images else extract_embeddings(model, query_images, names, **extract)
+        try:
+            query_store = support_store if same_images else extract_embeddings(model, query_images, names, **extract)
+        except BaseException:
+            support_store.close()
+            raise
     forward_done = time.perf_counter()
 
     try:

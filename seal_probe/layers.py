@@ -435,8 +435,9 @@ class _NpyWriter:
     memmap count towards the process's resident memory until it is unmapped.
     """
 
-    def __init__(self, path: Path, rows: int, dim: int) -> None:
+    def __init__(self, path: Path, rows: int, dim: int, *, name: str) -> None:
         self.path = path
+        self.name = name
         self.rows = rows
         self.dim = dim
         self.written = 0
@@ -449,7 +450,7 @@ class _NpyWriter:
             raise ProbeLayerError(f"more than the expected {self.rows} examples arrived; pass the right num_examples")
         if block.ndim != 2 or block.shape[1] != self.dim:
             raise ProbeLayerError(
-                f"a batch gave {block.shape[1:]} values per example for {self.path.name}, earlier batches gave {self.dim}; "
+                f"a batch gave {tuple(block.shape[1:])} values per example for {self.name}, earlier batches gave {self.dim}; "
                 "give every example the same shape"
             )
         np.ascontiguousarray(block, dtype=np.float32).tofile(self._stream)
@@ -672,7 +673,7 @@ class _LayerRecorder:
         if layer not in self.reductions:
             reduction = choose_reduction(tensor.shape[1:], reduce=self.reduce, max_dim=self.max_dim)
             self.reductions[layer] = reduction
-            self.writers[layer] = _NpyWriter(self.directory / self.files[layer], self.num_examples, reduction.dim)
+            self.writers[layer] = _NpyWriter(self.directory / self.files[layer], self.num_examples, reduction.dim, name=f"probe layer {layer!r}")
         vectors = self.reductions[layer].apply(tensor.detach())
         self.writers[layer].append(vectors.to(device="cpu", dtype=torch.float32).numpy())
 
@@ -776,7 +777,7 @@ def _extract(
                 if not isinstance(output, torch.Tensor) or output.dim() != 2:
                     raise ProbeLayerError(f"the model must return logits (batch, classes), got {getattr(output, 'shape', type(output).__name__)}")
                 if logits_writer is None:
-                    logits_writer = _NpyWriter(directory / LOGITS_FILE, count, output.shape[1])
+                    logits_writer = _NpyWriter(directory / LOGITS_FILE, count, output.shape[1], name="the logits")
                 logits_writer.append(output.to(device="cpu", dtype=torch.float32).numpy())
                 if batch_labels is not None:
                     labels.append(torch.as_tensor(batch_labels).cpu().numpy().astype(np.int64))
