@@ -70,6 +70,21 @@ def test_auto_mode_matches_dense_hessian(case):
     assert operator.hvp_mode in ("forward_over_reverse", "double_backward")
 
 
+def test_single_batch_keeps_graph_by_default():
+    case = case_by_name("mlp")
+    inputs = torch.cat([x for x, _ in case.batches])
+    targets = torch.cat([y for _, y in case.batches])
+
+    single = HessianOperator(case.model, [(inputs, targets)], dtype=torch.float64)
+    split = HessianOperator(case.model, case.batches, dtype=torch.float64)
+    forward = HessianOperator(case.model, [(inputs, targets)], dtype=torch.float64, hvp_mode="forward_over_reverse")
+
+    assert single.cache_graph is True
+    assert single.hvp_mode == "double_backward"
+    assert split.cache_graph is False
+    assert forward.cache_graph is False
+
+
 def test_cached_graph_matches_dense_hessian():
     case = case_by_name("cnn")
     dense = dense_hessian(case.model, case.batches, loss_fn=case.loss_fn)
@@ -234,13 +249,16 @@ def resident_bytes() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
-@pytest.mark.parametrize("hvp_mode", ["forward_over_reverse", "double_backward"])
-def test_memory_flat_over_100_products(hvp_mode):
+@pytest.mark.parametrize(
+    ("hvp_mode", "cache_graph"),
+    [("forward_over_reverse", False), ("double_backward", False), ("double_backward", True)],
+)
+def test_memory_flat_over_100_products(hvp_mode, cache_graph):
     # A leaked autograd graph would hold this batch's activations: about 2 MB per product.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 512), nn.Tanh(), nn.Linear(512, 10))
     batches = [(torch.randn(512, 32), torch.randint(0, 10, (512,)))]
-    operator = HessianOperator(model, batches, hvp_mode=hvp_mode)
+    operator = HessianOperator(model, batches, hvp_mode=hvp_mode, cache_graph=cache_graph)
     vector = torch.randn(operator.size)
 
     tracemalloc.start()
@@ -443,7 +461,7 @@ def test_auto_mode_falls_back_to_double_backward():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     batches = [(torch.randn(12, 4), torch.randint(0, 3, (12,)))]
-    operator = HessianOperator(model, batches, loss_fn=loss_without_jvp, dtype=torch.float64)
+    operator = HessianOperator(model, batches, loss_fn=loss_without_jvp, dtype=torch.float64, cache_graph=False)
 
     def squared_logits_loss(outputs, targets):
         return nn.functional.cross_entropy(outputs * outputs, targets)
@@ -491,7 +509,7 @@ def test_builtin_operation_without_second_derivative_named():
     torch.manual_seed(0)
     model = CTCHead()
     batches = [(torch.randn(3, 8, 4), torch.randint(1, 5, (3, 2)))]
-    operator = HessianOperator(model, batches, loss_fn=ctc_mean_loss)
+    operator = HessianOperator(model, batches, loss_fn=ctc_mean_loss, cache_graph=False)
 
     with pytest.raises(SecondDerivativeError, match=r"failed in aten::_ctc_loss_backward .*finite_differences=True"):
         operator.matvec(torch.ones(operator.size))

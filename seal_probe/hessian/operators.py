@@ -359,7 +359,9 @@ class HessianOperator:
     torch.func.grad) or double backward (torch.autograd.grad with create_graph=True);
     hvp_mode="auto" times the first product both ways and keeps the faster one. cache_graph=True
     keeps every batch's first-order gradient graph, so each product costs one backward pass
-    through it, at the price of holding all batches' activations in memory. bench/hessian.md
+    through it, at the price of holding all batches' activations in memory. By default
+    (cache_graph=None) the graph is kept when there is a single batch, as PyHessian's `data=`
+    mode does, because every product builds that graph anyway. bench/hessian.md
     has the measured costs relative to a gradient. finite_differences=True uses central
     differences of gradients, (g(theta + h v) - g(theta - h v)) / (2 h), for models with an
     operation that has no second derivative.
@@ -379,7 +381,9 @@ class HessianOperator:
         allow_train_mode: accept BatchNorm on batch statistics and active dropout; batches are then
             fixed and the random number generator is re-seeded from `seed` for every batch.
         hvp_mode: "auto", "forward_over_reverse" or "double_backward".
-        cache_graph: keep the first-order gradient graphs between products (double backward only).
+        cache_graph: keep the first-order gradient graphs between products (double backward only);
+            None keeps it for a single batch unless hvp_mode="forward_over_reverse" or
+            finite_differences=True, or a custom Function rules out double backward.
         finite_differences: use central differences of gradients instead of second derivatives.
         fd_step: norm of the finite-difference step (default eps ** (1/3) of the dtype).
         min_examples: raise HessianError when the batches contain fewer examples.
@@ -404,7 +408,7 @@ class HessianOperator:
         mode: ModelMode = "eval",
         allow_train_mode: bool = False,
         hvp_mode: HvpMode = "auto",
-        cache_graph: bool = False,
+        cache_graph: bool | None = None,
         finite_differences: bool = False,
         fd_step: float | None = None,
         min_examples: int = 1,
@@ -428,7 +432,6 @@ class HessianOperator:
         self.seed = int(seed)
         self.finite_differences = bool(finite_differences)
         self.fd_step = fd_step
-        self.cache_graph = bool(cache_graph)
 
         self._model = copy_model(model, dtype=dtype, mode=mode)
         check_finite_state(self._model)
@@ -449,6 +452,14 @@ class HessianOperator:
         self._names = names
         self._primals = tuple(parameters[name].detach() for name in names)
         self._probe_gradient()
+        if cache_graph is None:
+            cache_graph = (
+                len(self._batches) == 1
+                and not finite_differences
+                and hvp_mode != "forward_over_reverse"
+                and not self._once_differentiable
+            )
+        self.cache_graph = bool(cache_graph)
 
         self._shapes = [primal.shape for primal in self._primals]
         self._numels = [primal.numel() for primal in self._primals]
@@ -519,7 +530,8 @@ class HessianOperator:
         if self.weight_decay:
             product.add_(vector, alpha=self.weight_decay)
 
-        if not bool(torch.isfinite(product).all()):
+        # A sum is finite exactly when every entry is, unless it overflows; the full check confirms.
+        if not math.isfinite(float(product.sum())) and not bool(torch.isfinite(product).all()):
             raise HessianError(
                 "the Hessian-vector product contains NaN or infinite values although the loss is finite; "
                 "check the model for operations that are not twice differentiable at these weights"
@@ -779,7 +791,7 @@ class HessianOperator:
     def _double_backward_product(self, tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
         total: torch.Tensor | None = None
         if self.cache_graph and self._cached_gradients is None:
-            self._cache_leaves = tuple(primal.clone().requires_grad_(True) for primal in self._primals)
+            self._cache_leaves = tuple(primal.detach().requires_grad_(True) for primal in self._primals)
             self._cached_gradients = [
                 self._graph_gradient(self._cache_leaves, batch, index) for index, batch in enumerate(self._batches)
             ]
@@ -789,7 +801,8 @@ class HessianOperator:
                 leaves = self._cache_leaves
                 gradients = self._cached_gradients[index]
             else:
-                leaves = tuple(primal.clone().requires_grad_(True) for primal in self._primals)
+                # detach() shares storage, so no 11M-entry copy per product; nothing writes to the leaves.
+                leaves = tuple(primal.detach().requires_grad_(True) for primal in self._primals)
                 gradients = self._graph_gradient(leaves, batch, index)
             retain_graph = self._cached_gradients is not None
             product = self._differentiate_gradient(gradients, leaves, tangents, retain_graph=retain_graph)
