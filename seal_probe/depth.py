@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +15,8 @@ import faiss
 import numpy as np
 import torch
 from torch import nn
+
+from seal_train.checkpoint import write_atomic
 
 from . import __version__
 from .knn import DISTANCES, NEIGHBOUR_ORDER, TIE_RULE, KnnClassifier, default_thread_count, faiss_has_gpu, validate_k
@@ -402,20 +402,7 @@ def run_prediction_depth(
 
 
 def _write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write bytes to a temporary file in the same folder, fsync it, then rename it over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda stream: stream.write(data))
 
 
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:

@@ -7,7 +7,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
@@ -87,7 +87,12 @@ def _current_umask() -> int:
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync it, then rename it over path.
+    """torch.save obj to path atomically (see write_atomic)."""
+    return write_atomic(path, lambda stream: torch.save(obj, stream))
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call write on a temporary file in the same folder, fsync it, then rename it over path.
 
     A process killed at any moment leaves either the old file or the new one, never a
     truncated file. An OSError (full disk, missing permission) propagates with filename set to path.
@@ -97,7 +102,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         # mkstemp creates the file readable by its owner only; give it the usual permissions.
