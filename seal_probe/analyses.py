@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Which dataset the probes read, and the conversions allowed to fit it to the model.
+    """Dataset the probes read, and the conversions allowed to fit it to the model.
 
     dataset=None takes the dataset a suite checkpoint was trained on (from its metadata).
     """

@@ -436,7 +436,7 @@ def report(
 
 @app.command()
 def study(
-    out: Annotated[Path, typer.Option(help="Study folder: runs/ holds the training runs, report/ the comparison.")] = Path("checkpoints") / "study",
+    out: Annotated[Path, typer.Option(help="Study folder: runs/ contains the training runs, report/ the comparison.")] = Path("checkpoints") / "study",
     preset: Annotated[str, typer.Option(help="Training preset (see `seal-train presets`).")] = "demo",
     strategies: Strategies = None,
     skip: ReportSkip = None, target: ReportTarget = "digits", target_root: ReportTargetRoot = None,
@@ -468,7 +468,7 @@ def study(
                     typer.echo(f"{strategy}: resuming the run in {run_dir}")
                     resume(run_dir)
                 elif holds_run(run_dir):
-                    raise ValueError(f"{run_dir} holds an unfinished run that cannot be resumed (no latest.pt); delete the folder and run the study again")
+                    raise ValueError(f"{run_dir} contains an unfinished run without latest.pt, so it cannot be resumed; delete the folder and run the study again")
                 else:
                     typer.echo(f"{strategy}: training ({preset} preset) into {run_dir}")
                     train(config)

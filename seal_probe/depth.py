@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seal_train.checkpoint import write_atomic
+from seal_train.runs import write_atomic
 
 from . import __version__
 from .knn import DISTANCES, NEIGHBOUR_ORDER, TIE_RULE, KnnClassifier, default_thread_count, faiss_has_gpu, validate_k

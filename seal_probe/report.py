@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from seal_train.runs import RunFolderError, read_run, write_json_atomic
+from seal_train.runs import RunFolderError, read_run, write_atomic, write_json_atomic
 
 from . import __version__
 from .analyses import DataOptions, DepthOptions, HessianOptions, TransferOptions, measure_depth, measure_hessian, measure_transfer
@@ -248,7 +248,7 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
 
 @dataclass
 class Report:
-    """What build_report wrote: files, table rows per group, and how many analyses it computed."""
+    """Result of build_report: files written, table rows per group, and analyses computed and reused."""
 
     out_dir: Path
     groups: dict[str, list[dict[str, Any]]]
@@ -261,10 +261,7 @@ class Report:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def _group_suffix(index: int, groups: dict) -> str:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .data import InputSpec
 from .models import build_model
-from .runs import name_target_file
+from .runs import write_atomic
 
 FORMAT = "seal-suite-checkpoint"
 FORMAT_VERSION = 1
@@ -80,40 +78,9 @@ def make_meta(
     }
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """torch.save obj to path atomically (see write_atomic)."""
     return write_atomic(path, lambda stream: torch.save(obj, stream))
-
-
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """Call write on a temporary file in the same folder, fsync it, then rename it over path.
-
-    A process killed at any moment leaves either the old file or the new one, never a
-    truncated file. An OSError (full disk, missing permission) propagates with filename set to path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        # mkstemp creates the file readable by its owner only; give it the usual permissions.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            name_target_file(error, path, temporary)
-        raise
-    return path
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, meta: dict[str, Any], training_state: dict[str, Any] | None = None) -> Path:

@@ -42,7 +42,7 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model expects: channel count, spatial size and the normalisation of [0, 1] pixels."""
+    """Input format of a model: channel count, spatial size and the normalisation of [0, 1] pixels."""
 
     channels: int
     height: int
@@ -123,7 +123,7 @@ def read_idx(path: Path) -> np.ndarray:
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = 4 + 4 * ndim + int(np.prod(shape))
     if len(data) != expected:
-        raise DatasetError(f"{path} holds {len(data)} bytes, its header promises {expected}; the file is truncated")
+        raise DatasetError(f"{path} contains {len(data)} bytes but its header declares {expected}; the file is truncated, extract it again")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 

@@ -8,7 +8,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,18 @@ def name_target_file(error: OSError, path: Path, temporary: str) -> None:
         error.filename = str(path)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder and rename it over path.
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call write on a temporary file in the same folder, fsync it, then rename it over path.
 
-    An OSError (full disk, missing permission) propagates with filename set to path.
+    A process killed at any moment leaves either the old file or the new one, never a
+    truncated file. An OSError (full disk, missing permission) propagates with filename set to path.
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         # mkstemp creates the file readable by its owner only; give it the usual permissions.
@@ -135,6 +137,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
         if isinstance(error, OSError):
             name_target_file(error, path, temporary)
         raise
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write data as indented JSON to path atomically (see write_atomic)."""
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def read_run(run_dir: Path) -> RunRecord:
