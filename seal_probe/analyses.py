@@ -71,6 +71,7 @@ class HessianOptions:
     which: str = "largest"
     method: str | None = None
     tol: float = 1e-3
+    lanczos_start: str = "gradient"
     trace_method: str = "hutchinson"
     trace_samples: int = 100
     density_steps: int = 100
@@ -216,6 +217,7 @@ def measure_hessian(loaded: LoadedModel, data: DataOptions, options: HessianOpti
             which=options.which,
             method=options.method,
             tol=options.tol,
+            lanczos_start=options.lanczos_start,
             trace_method=options.trace_method,
             trace_samples=options.trace_samples,
             density_steps=options.density_steps,

@@ -223,6 +223,7 @@ def hessian(
     smallest: Annotated[bool, typer.Option("--smallest", help="Also compute the most negative eigenvalues (as many as --top-k).")] = False,
     method: Annotated[Optional[str], typer.Option(help="Eigenvalue method: lanczos (default engine) or power (PyHessian's).")] = None,
     tol: Annotated[float, typer.Option(help="Relative tolerance of the eigenvalue estimates.")] = 1e-3,
+    lanczos_start: Annotated[str, typer.Option(help="Lanczos start vector: gradient (the loss gradient plus a Gaussian vector; fewer products) or random.")] = "gradient",
     examples: Annotated[int, typer.Option(help="Examples in the fixed set the Hessian is averaged over (class-balanced subset).")] = 512,
     split: Annotated[str, typer.Option(help="Split the examples come from.")] = "train",
     batch_size: Annotated[int, typer.Option(help="Examples per Hessian-vector product batch; the result does not depend on it.")] = 128,
@@ -261,7 +262,8 @@ def hessian(
         data = DataOptions(dataset=dataset, root=data_root, convert_channels=convert_channels, resize=resize)
         options = HessianOptions(
             split=split, examples=examples, batch_size=batch_size, quantities=quantities, top_k=top_k,
-            which="both" if smallest else "largest", method=method, tol=tol, trace_method=trace_method,
+            which="both" if smallest else "largest", method=method, tol=tol, lanczos_start=lanczos_start,
+            trace_method=trace_method,
             trace_samples=trace_samples, density_steps=density_steps, density_runs=density_runs,
             params=tuple(params) if params else ("all",), threshold=threshold, weight_decay=weight_decay,
             float64=float64, engine=engine, allow_train_mode=allow_train_mode,

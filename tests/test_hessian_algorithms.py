@@ -13,6 +13,7 @@ from seal_probe.hessian import (
     HessianOperator,
     MatrixOperator,
     gaussian_density,
+    gradient_start,
     hutchinson_trace,
     hutchpp_trace,
     lanczos,
@@ -128,6 +129,94 @@ def test_lanczos_callback_sees_rising_top_ritz_value(problems):
     # By Cauchy interlacing the top Ritz value never decreases and never exceeds the top eigenvalue.
     assert all(later >= earlier - 1e-12 for earlier, later in zip(top_values, top_values[1:]))
     assert max(top_values) <= float(exact[-1]) + 1e-12
+
+
+class DiagonalOperator:
+    """diag(d) as a linear operator, for spectra too large to store as a dense matrix."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        self.diagonal = diagonal
+        self.count = 0
+
+    @property
+    def size(self) -> int:
+        return self.diagonal.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.diagonal.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diagonal.dtype
+
+    @property
+    def num_matvecs(self) -> int:
+        return self.count
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return self.diagonal * vector
+
+
+def test_float32_lanczos_on_4m_entries():
+    # Three outliers over a bulk in [-1, 1], so the top eigenvectors are single coordinates that
+    # dominate the Lanczos vectors. Float32 sums along the whole vector put these values 2.5e-3 off.
+    generator = torch.Generator().manual_seed(0)
+    diagonal = torch.rand(4_000_000, generator=generator) * 2 - 1
+    diagonal[:3] = torch.tensor([10.0, 6.0, 5.0])
+
+    result = lanczos(DiagonalOperator(diagonal), k=3, tol=1e-6, seed=0)
+
+    assert result.values == pytest.approx([10.0, 6.0, 5.0], rel=1e-5)
+    assert max(result.residuals) < 1e-4
+
+
+def test_gradient_start_orthogonal_top_eigenvector():
+    # The "gradient" is the eigenvector of 6.0, orthogonal to the top one. The Gaussian half of
+    # the start vector still reaches 10.0.
+    eigenvalues = [10.0, 6.0, 3.0] + list(np.linspace(-1.0, 1.0, 57))
+    matrix = spectrum_matrix(eigenvalues, seed=2)
+    operator = MatrixOperator(matrix)
+    _, vectors = torch.linalg.eigh(matrix)
+    second = vectors[:, -2]
+
+    start = gradient_start(operator, second, seed=4)
+    result = lanczos(operator, k=2, tol=1e-10, start=start)
+
+    # |g/|g| + z|^2 = 2 + 2 z.g/|g| for unit z, and start.g/|g| = 1 + z.g/|g|.
+    assert float(torch.linalg.vector_norm(start)) == pytest.approx(math.sqrt(2.0 * float(start @ second)), rel=1e-9)
+    assert result.values == pytest.approx([10.0, 6.0], rel=1e-9)
+
+
+def test_gradient_start_zero_gradient(problems):
+    operator, _, exact = problems["mlp"]
+
+    start = gradient_start(operator, torch.zeros(operator.size, dtype=operator.dtype), seed=1)
+    result = lanczos(operator, k=2, tol=1e-10, start=start)
+
+    assert float(torch.linalg.vector_norm(start)) == pytest.approx(1.0, rel=1e-12)
+    assert result.values == pytest.approx(exact.flip(0)[:2].tolist(), rel=1e-8)
+
+
+def test_lanczos_gradient_start_matches_eigvalsh(problems):
+    operator, _, exact = problems["cnn"]
+
+    start = gradient_start(operator, operator.data_gradient, seed=0)
+    result = lanczos(operator, k=5, tol=1e-8, start=start)
+
+    assert result.values == pytest.approx(exact.flip(0)[:5].tolist(), rel=1e-6)
+
+
+def test_lanczos_rejects_bad_start():
+    operator = MatrixOperator(torch.eye(4, dtype=torch.float64))
+
+    with pytest.raises(HessianError, match=r"start must have shape \(4,\), got \(3,\)"):
+        lanczos(operator, start=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(HessianError, match=r"start must be a finite, non-zero vector, got norm 0.0"):
+        lanczos(operator, start=torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(HessianError, match=r"gradient must have shape \(4,\), got \(2,\)"):
+        gradient_start(operator, torch.ones(2, dtype=torch.float64))
 
 
 def test_lanczos_rejects_bad_arguments():

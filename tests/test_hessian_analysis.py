@@ -87,6 +87,31 @@ def test_report_values_match_dense_hessian():
     assert report.costs["eigenvalues"].num_matvecs == report.eigen_results[0].num_matvecs
 
 
+@pytest.mark.parametrize("start", ["gradient", "random"])
+def test_lanczos_starts_match_dense(start):
+    case = case_by_name("mlp")
+    exact = torch.linalg.eigvalsh(dense_hessian(case.model, case.batches))
+
+    report = analyze_hessian(
+        case.model, case.batches, quantities=["eigenvalues"], top_k=3, tol=1e-8, lanczos_start=start, dtype=torch.float64
+    )
+
+    assert report.top_eigenvalues == pytest.approx(exact.flip(0)[:3].tolist(), rel=1e-6)
+    assert report.settings.lanczos_start == start
+
+
+def test_old_report_loads_random_start(tmp_path):
+    case = case_by_name("mlp")
+    report = analyze_hessian(case.model, case.batches, quantities=["eigenvalues"], top_k=1)
+    data = report.to_dict()
+    del data["settings"]["lanczos_start"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+
+    assert report.settings.lanczos_start == "gradient"
+    assert load_report(path).settings.lanczos_start == "random"
+
+
 def test_report_json_round_trip(tmp_path):
     case = case_by_name("mlp")
     report = analyze_hessian(case.model, case.batches, top_k=2, trace_samples=5, density_steps=5, seed=9)
@@ -191,6 +216,8 @@ def test_analysis_rejects_bad_settings():
         analyze_hessian(case.model, case.batches, quantities=("curvature",))
     with pytest.raises(HessianError, match=r"top_k must be <= the number of selected parameters \(57\), got 58"):
         analyze_hessian(case.model, case.batches, top_k=58)
+    with pytest.raises(HessianError, match=r"lanczos_start must be 'gradient' or 'random', got 'ones'"):
+        analyze_hessian(case.model, case.batches, lanczos_start="ones")
 
 
 def test_plots_written_with_log_density(tmp_path):

@@ -85,6 +85,32 @@ def test_single_batch_keeps_graph_by_default():
     assert forward.cache_graph is False
 
 
+def test_probe_graph_matches_dense():
+    # One batch: the construction-time gradient keeps its graph and serves every product.
+    case = case_by_name("cnn")
+    batch = (torch.cat([x for x, _ in case.batches]), torch.cat([y for _, y in case.batches]))
+    dense = dense_hessian(case.model, [batch], loss_fn=case.loss_fn)
+    operator = HessianOperator(case.model, [batch], loss_fn=case.loss_fn, dtype=torch.float64)
+
+    assert operator.cache_graph is True
+    for vector in random_vectors(operator.size):
+        torch.testing.assert_close(operator.matvec(vector), dense @ vector, rtol=1e-10, atol=1e-12)
+
+
+def test_data_gradient_matches_autograd():
+    case = case_by_name("cnn")
+    model = copy.deepcopy(case.model).double().eval()
+    inputs = torch.cat([x for x, _ in case.batches]).double()
+    targets = torch.cat([y for _, y in case.batches])
+    loss = case.loss_fn(model(inputs), targets)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+    operator = HessianOperator(case.model, case.batches, loss_fn=case.loss_fn, dtype=torch.float64, weight_decay=0.5)
+
+    torch.testing.assert_close(operator.data_gradient, expected, rtol=1e-10, atol=1e-12)
+    assert operator.gradient_norm == pytest.approx(float(expected.norm()), rel=1e-12)
+
+
 def test_cached_graph_matches_dense_hessian():
     case = case_by_name("cnn")
     dense = dense_hessian(case.model, case.batches, loss_fn=case.loss_fn)

@@ -111,6 +111,14 @@ def test_hessian_cli_writes_json(checkpoint, tmp_path, single_thread):
     assert (tmp_path / "h" / "density.png").is_file()
 
 
+def test_hessian_cli_unknown_start(checkpoint, tmp_path):
+    result = runner.invoke(app, ["hessian", str(checkpoint), "--lanczos-start", "ones", "--out", str(tmp_path / "h")])
+
+    assert result.exit_code != 0
+    assert "lanczos_start must be 'gradient' or 'random', got 'ones'" in result.output
+    assert not (tmp_path / "h").exists()
+
+
 def test_transfer_cli_writes_json(checkpoint, tmp_path, single_thread):
     result = runner.invoke(app, [
         "transfer", str(checkpoint), "--target", "digits", "--resize", "--episodes", "4", "--n-way", "3",

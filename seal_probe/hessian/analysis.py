@@ -21,6 +21,7 @@ from seal_probe.hessian.algorithms import (
     TraceResult,
     hutchinson_trace,
     hutchpp_trace,
+    gradient_start,
     lanczos,
     power_iteration,
     spectral_density,
@@ -72,6 +73,7 @@ class HessianSettings:
     num_parameters: int
     device: str
     torch_version: str
+    lanczos_start: str = "random"
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ def analyze_hessian(
     tol: float = 1e-3,
     max_iter: int | None = None,
     lanczos_criterion: Literal["residual", "gap"] = "residual",
+    lanczos_start: Literal["gradient", "random"] = "gradient",
     trace_method: Literal["hutchinson", "hutchpp"] = "hutchinson",
     trace_samples: int = 100,
     density_steps: int = 100,
@@ -277,6 +280,9 @@ def analyze_hessian(
         method: "lanczos" or "power"; default "lanczos", and "power" for engine="pyhessian".
         tol: eigenvalue tolerance; PyHessian also uses it for its trace stopping rule.
         lanczos_criterion: Lanczos error estimate, "residual" (a bound) or "gap" (see lanczos).
+        lanczos_start: "gradient" starts Lanczos from the unit loss gradient plus a unit Gaussian
+            vector (see gradient_start), which converges in fewer products; "random" from a
+            Gaussian vector. Trace and density always use random probes.
         max_iter: Lanczos steps (default min(n, max(100, 12 top_k))) or power steps per eigenvalue (100).
         trace_method: "hutchinson" or "hutchpp".
         trace_samples: Hutchinson samples, Hutch++ products, or PyHessian's trace maxIter.
@@ -292,6 +298,8 @@ def analyze_hessian(
         method = "power" if engine == "pyhessian" else "lanczos"
     quantities = list(dict.fromkeys(quantities))
     _validate_choices(engine=engine, method=method, which=which, trace_method=trace_method, quantities=quantities)
+    if lanczos_start not in ("gradient", "random"):
+        raise HessianError(f"lanczos_start must be 'gradient' or 'random', got {lanczos_start!r}")
     if "eigenvalues" in quantities and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise HessianError(f"top_k must be an integer >= 1, got {top_k!r}")
     seeds = {"eigenvalues": seed, "trace": seed + 1, "density": seed + 2}
@@ -357,6 +365,7 @@ def analyze_hessian(
                 tol=tol,
                 max_iter=max_iter,
                 criterion=lanczos_criterion,
+                start=lanczos_start,
                 seed=seeds["eigenvalues"],
             ),
         )
@@ -398,6 +407,7 @@ def analyze_hessian(
         tol=tol,
         max_iter=max_iter,
         lanczos_criterion=lanczos_criterion,
+        lanczos_start=lanczos_start if method == "lanczos" else "random",
         trace_method=trace_method,
         trace_samples=trace_samples,
         density_steps=density_steps,
@@ -447,12 +457,16 @@ def _compute_eigenvalues(
     tol: float,
     max_iter: int | None,
     criterion: str,
+    start: str,
     seed: int,
 ) -> list[EigenResult]:
     if isinstance(computer, PyHessianEngine):
         return [computer.eigenvalues(k=k, max_iter=max_iter or 100, tol=tol, seed=seed)]
     if method == "lanczos":
-        return [lanczos(computer, k=k, which=which, tol=tol, max_iter=max_iter, criterion=criterion, seed=seed)]
+        vector = gradient_start(computer, computer.data_gradient, seed=seed) if start == "gradient" else None
+        return [
+            lanczos(computer, k=k, which=which, tol=tol, max_iter=max_iter, criterion=criterion, seed=seed, start=vector)
+        ]
     sides = ["largest", "smallest"] if which == "both" else [which]
     return [
         power_iteration(computer, k=k, which=side, max_iter=max_iter or 100, tol=tol, seed=seed + offset)

@@ -451,22 +451,21 @@ class HessianOperator:
         names = self._resolve_names(model, params, parameters)
         self._names = names
         self._primals = tuple(parameters[name].detach() for name in names)
-        self._probe_gradient()
+        self._cache_leaves: tuple[torch.Tensor, ...] = ()
+        self._cached_gradients: list[tuple[torch.Tensor | None, ...]] | None = None
+        # A graph that may be cached is built by the probe itself, which saves one gradient.
+        may_cache = len(self._batches) == 1 and not finite_differences and hvp_mode != "forward_over_reverse"
+        self._probe_gradient(keep_graph=may_cache and cache_graph is not False)
         if cache_graph is None:
-            cache_graph = (
-                len(self._batches) == 1
-                and not finite_differences
-                and hvp_mode != "forward_over_reverse"
-                and not self._once_differentiable
-            )
+            cache_graph = may_cache and not self._once_differentiable
         self.cache_graph = bool(cache_graph)
+        if not self.cache_graph or self._once_differentiable:
+            self._cache_leaves, self._cached_gradients = (), None
 
         self._shapes = [primal.shape for primal in self._primals]
         self._numels = [primal.numel() for primal in self._primals]
         self._size = sum(self._numels)
         self._resolved_mode = self._initial_hvp_mode(hvp_mode)
-        self._cache_leaves: tuple[torch.Tensor, ...] = ()
-        self._cached_gradients: list[tuple[torch.Tensor | None, ...]] | None = None
         self._num_matvecs = 0
         self.num_gradients = 0
 
@@ -539,6 +538,11 @@ class HessianOperator:
         self._num_matvecs += 1
         return product
 
+    @property
+    def data_gradient(self) -> torch.Tensor:
+        """The flat gradient of the mean loss without weight decay, computed at construction. Read only."""
+        return self._data_gradient
+
     def gradient(self) -> torch.Tensor:
         """Return the gradient of the mean loss (plus weight_decay * theta) as a flat vector."""
         with deterministic_numerics(), torch.enable_grad():
@@ -592,12 +596,15 @@ class HessianOperator:
             raise HessianError("no selected parameter has requires_grad=True; select trainable parameters")
         return names
 
-    def _probe_gradient(self) -> None:
+    def _probe_gradient(self, *, keep_graph: bool) -> None:
         """Compute the gradient once to check the loss and drop parameters that receive no gradient.
 
-        Also stores the norm of the data gradient (without weight decay) in `gradient_norm`.
+        Also stores the data gradient (without weight decay) and its norm in `gradient_norm`. With
+        keep_graph (one batch only) the gradient is built with create_graph=True and kept as the
+        cached graph for double-backward products.
         """
-        leaves = tuple(primal.clone().requires_grad_(True) for primal in self._primals)
+        leaves = tuple(primal.detach().requires_grad_(True) for primal in self._primals)
+        graph_gradients: tuple[torch.Tensor | None, ...] = ()
         used = [False] * len(leaves)
         squared_norm = 0.0
         self._once_differentiable: list[str] = []
@@ -611,14 +618,20 @@ class HessianOperator:
                     self._once_differentiable = find_once_differentiable_functions(loss.grad_fn)
                 if loss.grad_fn is None:
                     continue
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                grads = torch.autograd.grad(loss, leaves, create_graph=keep_graph, allow_unused=True)
+                if keep_graph:
+                    graph_gradients = grads
                 weight = batch.num_examples / self.num_examples
                 for position, grad in enumerate(grads):
                     if grad is None:
                         continue
                     used[position] = True
+                    grad = grad.detach()
                     total = totals[position]
-                    totals[position] = weight * grad if total is None else total + weight * grad
+                    if total is None:
+                        totals[position] = grad if weight == 1.0 else weight * grad
+                    else:
+                        totals[position] = total + weight * grad
 
         for total in totals:
             if total is not None:
@@ -640,6 +653,10 @@ class HessianOperator:
             logger.info("Excluding parameters from the Hessian: %s", self.excluded_parameters)
         self._names = [name for name, _ in used_pairs]
         self._primals = tuple(primal for _, primal in used_pairs)
+        self._data_gradient = torch.cat([total.reshape(-1) for total in totals if total is not None])
+        if graph_gradients:
+            self._cache_leaves = tuple(leaf for leaf, is_used in zip(leaves, used) if is_used)
+            self._cached_gradients = [tuple(grad for grad, is_used in zip(graph_gradients, used) if is_used)]
 
     def _initial_hvp_mode(self, hvp_mode: HvpMode) -> str:
         if self.finite_differences:
@@ -663,10 +680,15 @@ class HessianOperator:
         return tuple(piece.view(shape) for piece, shape in zip(pieces, self._shapes))
 
     def _flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        pieces = []
-        for tensor, primal in zip(tensors, self._primals):
-            pieces.append(torch.zeros_like(primal).reshape(-1) if tensor is None else tensor.reshape(-1))
-        return torch.cat(pieces)
+        # Double backward returns some gradients with permuted strides. Copying each piece into a
+        # preallocated vector copies them once, where reshape(-1) and cat would copy them twice.
+        flat = torch.empty(self._size, device=self._device, dtype=self._dtype)
+        for tensor, piece in zip(tensors, torch.split(flat, self._numels)):
+            if tensor is None:
+                piece.zero_()
+            else:
+                piece.view(tensor.shape).copy_(tensor)
+        return flat
 
     def _accumulate(self, total: torch.Tensor | None, pieces: Sequence[torch.Tensor | None], batch: Batch) -> torch.Tensor:
         """Add (n_b / N) times the flattened pieces to total, in place; allocate only for the first batch."""
