@@ -2,9 +2,12 @@
 
 Setup: full Fashion-MNIST idx files (default /usr/share/datasets/fashion-mnist), the first
 --support training images as the support set, the first --queries test images as queries, and
-the narrow demo ResNet with random weights (seed 0). Run from the repository root:
+a network with random weights (seed 0): the narrow demo ResNet by default, or --arch
+cifar-resnet18 (ResNet18 with a 3x3 stem, the widths of the paper's networks). Run from the
+repository root:
 
     python bench/bench_depth.py --out /tmp/bench_depth.json
+    python bench/bench_depth.py --arch cifar-resnet18 --repeats 1 --skip-memory --out /tmp/bench_depth_resnet18.json
 
 Three measurements, each timed as wall-clock and as process CPU time (all threads).
 1. time: run_prediction_depth end to end and, right before it in the same process, its
@@ -14,7 +17,11 @@ Three measurements, each timed as wall-clock and as process CPU time (all thread
 2. sklearn: KNeighborsClassifier(algorithm="brute") fit + predict per layer on flattened
    embeddings, the approach of public prediction-depth code. It runs on --sklearn-queries
    queries and is scaled linearly to all queries, because brute-force search cost is linear in
-   the number of queries. The forward pass is added once, as that approach needs it too.
+   the number of queries. The flattened embeddings come from one streamed pass to disk and are
+   loaded one layer at a time. Two totals are reported. With one forward pass, the approach
+   must hold every flattened layer in memory (the size is reported). With one forward pass per
+   layer after the input, it keeps one layer at a time in memory, as public code that extracts
+   one layer per pass does. The measured plain forward pass is added once or once per layer.
 3. memory: peak RSS of run_prediction_depth with all 8 default probe layers and with every
    other one of them (4), each in a fresh subprocess. The peak is VmHWM from /proc/self/status,
    reset after loading. ru_maxrss is not used because a child inherits its parent's peak RSS.
@@ -78,9 +85,9 @@ def load_inputs(root: str, support: int, queries: int) -> tuple[torch.Tensor, to
     return support_images, train.labels[:support], query_images, test.labels[:queries]
 
 
-def demo_model() -> torch.nn.Module:
+def random_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("resnet-narrow", num_classes=10, in_channels=1)
+    return build_model(arch, num_classes=10, in_channels=1)
 
 
 def plain_forward(model: torch.nn.Module, *tensors: torch.Tensor) -> None:
@@ -143,7 +150,7 @@ def measure_time(args: argparse.Namespace) -> dict:
     from sklearn.neighbors import KNeighborsClassifier
 
     support, support_labels, queries, query_labels = load_inputs(args.data_root, args.support, args.queries)
-    model = demo_model()
+    model = random_model(args.arch)
     plain_forward(model, support[:512])  # warm-up: thread pools and convolution kernels
     layers = resolve_probe_layers(model, input_shape=tuple(support.shape[1:]))
     support_vectors = embed_in_memory(model, support, layers, reduce="pool")
@@ -159,20 +166,27 @@ def measure_time(args: argparse.Namespace) -> dict:
 
     sklearn: dict[str, Elapsed] = {}
     subset = queries[: args.sklearn_queries]
-    flat_support = embed_in_memory(model, support, layers, reduce="flatten")
-    flat_queries = embed_in_memory(model, subset, layers, reduce="flatten")
-    flat_dims = {layer: vectors.shape[1] for layer, vectors in flat_support.items()}
-    for layer in layers:
-        with Stopwatch() as watch:
-            probe = KNeighborsClassifier(n_neighbors=K, algorithm="brute").fit(flat_support[layer], support_labels.numpy())
-            probe.predict(flat_queries[layer])
-        sklearn[layer] = watch.elapsed
-        logging.info("sklearn %s (%d dims, %d queries): %.1f s", layer, flat_dims[layer], len(subset), watch.elapsed.wall)
-    del flat_support, flat_queries
+    flat_dims: dict[str, int] = {}
+    with extract_embeddings(model, support, layers, reduce="flatten") as flat_support, extract_embeddings(
+        model, subset, layers, reduce="flatten"
+    ) as flat_queries:
+        for layer in layers:
+            support_layer = flat_support.embeddings(layer, mmap=False)
+            query_layer = flat_queries.embeddings(layer, mmap=False)
+            flat_dims[layer] = support_layer.shape[1]
+            with Stopwatch() as watch:
+                probe = KNeighborsClassifier(n_neighbors=K, algorithm="brute").fit(support_layer, support_labels.numpy())
+                probe.predict(query_layer)
+            sklearn[layer] = watch.elapsed
+            logging.info("sklearn %s (%d dims, %d queries): %.1f s", layer, flat_dims[layer], len(subset), watch.elapsed.wall)
+            del support_layer, query_layer
     sklearn_search = total(sklearn) * (args.queries / len(subset))
     fastest_forward = min((repeat["forward"] for repeat in repeats), key=lambda elapsed: elapsed.wall)
     fastest_search = min((total(repeat["search"]) for repeat in repeats), key=lambda elapsed: elapsed.wall)
     sklearn_total = fastest_forward + sklearn_search
+    forwards_per_layer = len(layers) - 1
+    sklearn_total_per_layer = fastest_forward * forwards_per_layer + sklearn_search
+    flat_gib = sum(flat_dims.values()) * (args.support + args.queries) * 4 / 2**30
 
     return {
         "layers": result.settings.layers,
@@ -194,6 +208,10 @@ def measure_time(args: argparse.Namespace) -> dict:
         "sklearn_search_scaled": vars(sklearn_search),
         "sklearn_total_estimate": vars(sklearn_total),
         "speedup_over_sklearn": ratio(sklearn_total, fastest["run"]),
+        "sklearn_all_flat_layers_gib": flat_gib,
+        "sklearn_forward_passes_per_layer": forwards_per_layer,
+        "sklearn_total_estimate_forward_per_layer": vars(sklearn_total_per_layer),
+        "speedup_over_sklearn_forward_per_layer": ratio(sklearn_total_per_layer, fastest["run"]),
         "search_speedup_over_sklearn": ratio(sklearn_search, fastest_search),
         "mean_depth": result.mean_depth,
         "fraction_never_consistent": result.fraction_never_consistent,
@@ -215,7 +233,7 @@ def measure_memory(args: argparse.Namespace) -> dict:
     /proc/self/clear_refs, Linux 4.0 or later), so the peak belongs to run_prediction_depth.
     """
     support, support_labels, queries, query_labels = load_inputs(args.data_root, args.support, args.queries)
-    model = demo_model()
+    model = random_model(args.arch)
     layers = resolve_probe_layers(model, input_shape=tuple(support.shape[1:]))
     if args.num_layers == 4:
         layers = layers[::2]
@@ -238,7 +256,7 @@ def measure_memory(args: argparse.Namespace) -> dict:
 def memory_in_subprocess(args: argparse.Namespace, num_layers: int) -> dict:
     command = [
         sys.executable, __file__, "--measure", "memory", "--num-layers", str(num_layers),
-        "--data-root", args.data_root, "--support", str(args.support), "--queries", str(args.queries),
+        "--data-root", args.data_root, "--support", str(args.support), "--queries", str(args.queries), "--arch", args.arch,
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -247,6 +265,8 @@ def memory_in_subprocess(args: argparse.Namespace, num_layers: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST idx files")
+    parser.add_argument("--arch", default="resnet-narrow", help="architecture with random weights: resnet-narrow or cifar-resnet18")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the peak-memory runs of 8 and 4 probe layers")
     parser.add_argument("--support", type=int, default=20_000, help="support-set size (training images)")
     parser.add_argument("--queries", type=int, default=5_000, help="number of query images (test split)")
     parser.add_argument("--sklearn-queries", type=int, default=500, help="queries timed for the scikit-learn baseline")
@@ -263,6 +283,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = {
         "command": " ".join(sys.argv),
+        "arch": args.arch,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, faiss threads {faiss.omp_get_max_threads()}",
         "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__},
         "support": args.support,
@@ -270,6 +291,11 @@ def main() -> None:
         "k": K,
     }
     report["time"] = measure_time(args)
+    if args.skip_memory:
+        print(json.dumps(report, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return
     report["memory_8_layers"] = memory_in_subprocess(args, 8)
     report["memory_4_layers"] = memory_in_subprocess(args, 4)
     eight, four = report["memory_8_layers"], report["memory_4_layers"]

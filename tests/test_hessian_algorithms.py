@@ -21,6 +21,7 @@ from seal_probe.hessian import (
     slq_quadrature,
     spectral_density,
 )
+from seal_probe.hessian.reductions import dot, norm, projections
 from seal_probe.hessian.testing import dense_hessian, reference_cases
 
 CASES = reference_cases()
@@ -170,6 +171,24 @@ def test_float32_lanczos_on_4m_entries():
 
     assert result.values == pytest.approx([10.0, 6.0, 5.0], rel=1e-5)
     assert max(result.residuals) < 1e-4
+
+
+def test_reductions_match_float64():
+    # 3M float32 entries where a few dominate and cancel, as in a Lanczos step on a network.
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(3_000_001, generator=generator)
+    a[:100] *= 1000.0
+    b = torch.randn(3_000_001, generator=generator)
+    b[:100] = -a[:100] * float(a[100:].double() @ b[100:].double()) / float(a[:100].double().square().sum())
+    basis = torch.stack([a / float(a.double().norm()), torch.randn(3_000_001, generator=generator)])
+
+    exact_dot = float(a.double() @ b.double())
+    exact_projections = basis.double() @ b.double()
+
+    assert abs(dot(a, b) - exact_dot) <= 1e-9 * float(a.double().abs() @ b.double().abs())
+    assert dot(a, a) == pytest.approx(float(a.double() @ a.double()), rel=2e-6)
+    assert norm(a) == pytest.approx(float(a.double().norm()), rel=1e-7)
+    torch.testing.assert_close(projections(basis, b).double(), exact_projections, rtol=1e-6, atol=1e-6 * float(b.double().norm()))
 
 
 def test_gradient_start_orthogonal_top_eigenvector():

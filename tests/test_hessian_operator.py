@@ -97,6 +97,30 @@ def test_probe_graph_matches_dense():
         torch.testing.assert_close(operator.matvec(vector), dense @ vector, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("batches", ["one", "two"])
+def test_matvec_into_out_matches_dense(batches):
+    case = case_by_name("cnn")
+    data = case.batches
+    if batches == "one":
+        data = [(torch.cat([x for x, _ in case.batches]), torch.cat([y for _, y in case.batches]))]
+    operator = HessianOperator(case.model, data, loss_fn=case.loss_fn, dtype=torch.float64, weight_decay=0.25)
+    dense = dense_hessian(case.model, data, loss_fn=case.loss_fn) + 0.25 * torch.eye(operator.size, dtype=torch.float64)
+    out = torch.full((operator.size,), float("nan"), dtype=torch.float64)
+
+    for vector in random_vectors(operator.size):
+        product = operator.matvec(vector, out=out)
+        assert product.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, dense @ vector, rtol=1e-10, atol=1e-12)
+
+
+def test_matvec_rejects_wrong_out():
+    case = case_by_name("mlp")
+    operator = HessianOperator(case.model, case.batches, dtype=torch.float64)
+
+    with pytest.raises(HessianError, match=r"out must be a torch.float64 tensor of shape \(57,\) on cpu, got torch.float32 \(57,\) on cpu"):
+        operator.matvec(torch.zeros(57, dtype=torch.float64), out=torch.zeros(57))
+
+
 def test_data_gradient_matches_autograd():
     case = case_by_name("cnn")
     model = copy.deepcopy(case.model).double().eval()

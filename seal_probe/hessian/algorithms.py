@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 from seal_probe.hessian.operators import HessianError, LinearOperator, ShiftedOperator
+from seal_probe.hessian.reductions import dot as _dot
+from seal_probe.hessian.reductions import norm as _norm
+from seal_probe.hessian.reductions import projections as _projections
 
 logger = logging.getLogger(__name__)
 
@@ -141,47 +144,6 @@ def _rademacher_vector(operator: LinearOperator, generator: torch.Generator) -> 
     return vector.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
 
 
-# Reductions over a whole parameter vector. With float32 and 10M entries, PyTorch's CPU dot and
-# vector_norm accumulate in float32 along the vector and err by up to 1e-3 relative when a few
-# entries dominate, as a gradient's do. That error enters Lanczos's tridiagonal matrix and moved a
-# ResNet18's top Ritz value by 7e-4. Reducing chunks of CHUNK entries in the operands' dtype and
-# summing the chunk results in float64 keeps the error near 1e-7 for a few percent of a product's cost.
-# The projections in _orthogonalise are matrix-vector products over column blocks of BLOCK entries,
-# summed in float64. One product over all columns lost orthogonality by 2e-4 on a 4M-entry
-# operator and left Ritz values 4e-4 off. The blocks cost about 25% more.
-CHUNK = 256
-BLOCK = 16384
-
-
-def _split_chunks(vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """View a 1-D tensor as (rows, CHUNK) whole chunks plus the remaining tail."""
-    rows = vector.numel() // CHUNK
-    return vector[: rows * CHUNK].view(rows, CHUNK), vector[rows * CHUNK :]
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Return a . b for 1-D tensors with per-chunk products summed in float64."""
-    a_rows, a_tail = _split_chunks(a)
-    b_rows, b_tail = _split_chunks(b)
-    total = torch.bmm(a_rows.unsqueeze(1), b_rows.unsqueeze(2)).double().sum()
-    return float(total + torch.dot(a_tail.double(), b_tail.double()))
-
-
-def _norm(vector: torch.Tensor) -> float:
-    """Return the Euclidean norm of a 1-D tensor with per-chunk norms combined in float64."""
-    rows, tail = _split_chunks(vector)
-    squares = torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum()
-    return math.sqrt(float(squares))
-
-
-def _projections(basis: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """Return basis @ vector, accumulated over column blocks of BLOCK entries in float64."""
-    total = torch.zeros(basis.shape[0], device=vector.device, dtype=torch.float64)
-    for begin in range(0, vector.numel(), BLOCK):
-        total += torch.mv(basis[:, begin : begin + BLOCK], vector[begin : begin + BLOCK]).double()
-    return total.to(vector.dtype)
-
-
 def _orthogonalise(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Remove, in place, the components along the rows of an orthonormal basis by classical Gram-Schmidt.
 
@@ -228,6 +190,13 @@ def gradient_start(operator: LinearOperator, gradient: torch.Tensor, *, seed: in
     if not math.isfinite(norm) or norm == 0.0:
         return gaussian
     return gaussian.add_(gradient, alpha=1.0 / norm)
+
+
+def _product_into(operator: LinearOperator, vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write operator @ vector into out, which must not overlap vector, and return out."""
+    if getattr(operator, "accepts_out", False):
+        return operator.matvec(vector, out=out)
+    return out.copy_(operator.matvec(vector))
 
 
 def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +257,12 @@ def _lanczos_process(
 
     for step in range(max_steps):
         current = basis[step]
-        residual = operator.matvec(current)
+        # The product goes straight into the next basis row when there is one, where it is
+        # orthogonalised and normalised in place, which saves allocating a vector per step.
+        if count < basis.shape[0]:
+            residual = _product_into(operator, current, basis[count])
+        else:
+            residual = operator.matvec(current)
         alpha = _dot(residual, current)
         alphas.append(alpha)
         residual.sub_(current, alpha=alpha)

@@ -17,6 +17,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.func import grad as func_grad
 
+from seal_probe.hessian.reductions import norm
+
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -247,12 +249,16 @@ def copy_model(model: nn.Module, *, dtype: torch.dtype | None, mode: ModelMode) 
     """Return a private deep copy in the requested dtype and mode, with requires_grad off everywhere.
 
     Every computation runs on this copy, so the audited model's parameters, buffers, gradients
-    and train/eval mode are never touched.
+    and train/eval mode are never touched. The copy's parameters are new Parameter objects that
+    share storage with the model's, which saves copying the weights. That is safe because
+    products read parameter values only through functional_call and nothing writes to them.
+    Buffers, which BatchNorm in train mode updates, are copied.
     """
     if mode not in ("eval", "train", "keep"):
         raise HessianError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
+    shared = {id(parameter): nn.Parameter(parameter.detach(), requires_grad=False) for parameter in model.parameters()}
     try:
-        private = copy.deepcopy(model)
+        private = copy.deepcopy(model, memo=shared)
     except (RuntimeError, TypeError) as error:
         raise HessianError(
             f"the model cannot be deep-copied ({error}); make every tensor attribute a parameter or buffer"
@@ -396,6 +402,9 @@ class HessianOperator:
         num_gradients: gradients computed through gradient().
     """
 
+    # matvec accepts out=, which Lanczos uses to write each product into its basis.
+    accepts_out = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -514,18 +523,30 @@ class HessianOperator:
         """The selected parameters flattened into one vector (a copy)."""
         return torch.cat([primal.reshape(-1) for primal in self._primals])
 
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        """Return H @ vector for a flat vector of length `size`."""
+    def matvec(self, vector: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return H @ vector for a flat vector of length `size`.
+
+        With out (a flat tensor of the operator's size, dtype and device that does not overlap
+        vector) the product is written there and out is returned.
+        """
         if vector.shape != (self._size,):
             raise HessianError(f"vector must have shape ({self._size},), got {tuple(vector.shape)}")
+        if out is not None and (out.shape != (self._size,) or out.dtype != self._dtype or out.device != self._device):
+            raise HessianError(
+                f"out must be a {self._dtype} tensor of shape ({self._size},) on {self._device}, "
+                f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
         vector = vector.to(device=self._device, dtype=self._dtype)
 
         with deterministic_numerics(), torch.enable_grad():
             if self._resolved_mode == "finite_differences":
                 product = self._finite_difference_product(vector)
+            elif self._resolved_mode == "double_backward":
+                product = self._double_backward_product(self._unflatten(vector), out=out)
             else:
-                tangents = self._unflatten(vector)
-                product = self._automatic_product(tangents)
+                product = self._automatic_product(self._unflatten(vector))
+        if out is not None and product is not out:
+            product = out.copy_(product)
         if self.weight_decay:
             product.add_(vector, alpha=self.weight_decay)
 
@@ -606,7 +627,6 @@ class HessianOperator:
         leaves = tuple(primal.detach().requires_grad_(True) for primal in self._primals)
         graph_gradients: tuple[torch.Tensor | None, ...] = ()
         used = [False] * len(leaves)
-        squared_norm = 0.0
         self._once_differentiable: list[str] = []
 
         with deterministic_numerics(), torch.enable_grad():
@@ -633,10 +653,6 @@ class HessianOperator:
                     else:
                         totals[position] = total + weight * grad
 
-        for total in totals:
-            if total is not None:
-                squared_norm += float(total.double().square().sum())
-        self.gradient_norm = math.sqrt(squared_norm)
 
         used_pairs = []
         for name, primal, is_used in zip(self._names, self._primals, used):
@@ -654,6 +670,7 @@ class HessianOperator:
         self._names = [name for name, _ in used_pairs]
         self._primals = tuple(primal for _, primal in used_pairs)
         self._data_gradient = torch.cat([total.reshape(-1) for total in totals if total is not None])
+        self.gradient_norm = norm(self._data_gradient)
         if graph_gradients:
             self._cache_leaves = tuple(leaf for leaf, is_used in zip(leaves, used) if is_used)
             self._cached_gradients = [tuple(grad for grad, is_used in zip(graph_gradients, used) if is_used)]
@@ -679,10 +696,10 @@ class HessianOperator:
         pieces = torch.split(vector, self._numels)
         return tuple(piece.view(shape) for piece, shape in zip(pieces, self._shapes))
 
-    def _flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    def _flatten(self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
         # Double backward returns some gradients with permuted strides. Copying each piece into a
         # preallocated vector copies them once, where reshape(-1) and cat would copy them twice.
-        flat = torch.empty(self._size, device=self._device, dtype=self._dtype)
+        flat = out if out is not None else torch.empty(self._size, device=self._device, dtype=self._dtype)
         for tensor, piece in zip(tensors, torch.split(flat, self._numels)):
             if tensor is None:
                 piece.zero_()
@@ -690,13 +707,15 @@ class HessianOperator:
                 piece.view(tensor.shape).copy_(tensor)
         return flat
 
-    def _accumulate(self, total: torch.Tensor | None, pieces: Sequence[torch.Tensor | None], batch: Batch) -> torch.Tensor:
-        """Add (n_b / N) times the flattened pieces to total, in place; allocate only for the first batch."""
+    def _accumulate(
+        self, total: torch.Tensor | None, pieces: Sequence[torch.Tensor | None], batch: Batch, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Add (n_b / N) times the flattened pieces to total in place. The first batch fills out, or a new vector."""
         weight = batch.num_examples / self.num_examples
-        flat = self._flatten(pieces)
         if total is None:
+            flat = self._flatten(pieces, out=out)
             return flat.mul_(weight) if weight != 1.0 else flat
-        return total.add_(flat, alpha=weight)
+        return total.add_(self._flatten(pieces), alpha=weight)
 
     @contextlib.contextmanager
     def _fixed_randomness(self, index: int) -> Iterator[None]:
@@ -810,7 +829,7 @@ class HessianOperator:
         assert total is not None
         return total
 
-    def _double_backward_product(self, tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _double_backward_product(self, tangents: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> torch.Tensor:
         total: torch.Tensor | None = None
         if self.cache_graph and self._cached_gradients is None:
             self._cache_leaves = tuple(primal.detach().requires_grad_(True) for primal in self._primals)
@@ -828,7 +847,7 @@ class HessianOperator:
                 gradients = self._graph_gradient(leaves, batch, index)
             retain_graph = self._cached_gradients is not None
             product = self._differentiate_gradient(gradients, leaves, tangents, retain_graph=retain_graph)
-            total = self._accumulate(total, product, batch)
+            total = self._accumulate(total, product, batch, out=out)
         assert total is not None
         return total
 
