@@ -265,7 +265,7 @@ def memory_in_subprocess(args: argparse.Namespace, num_layers: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST idx files")
-    parser.add_argument("--arch", default="resnet-narrow", help="architecture with random weights: resnet-narrow or cifar-resnet18")
+    parser.add_argument("--arch", default="resnet-narrow", choices=["resnet-narrow", "cifar-resnet18"], help="architecture with random weights")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peak-memory runs of 8 and 4 probe layers")
     parser.add_argument("--support", type=int, default=20_000, help="support-set size (training images)")
     parser.add_argument("--queries", type=int, default=5_000, help="number of query images (test split)")

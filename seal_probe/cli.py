@@ -223,7 +223,7 @@ def hessian(
     smallest: Annotated[bool, typer.Option("--smallest", help="Also compute the most negative eigenvalues (as many as --top-k).")] = False,
     method: Annotated[Optional[str], typer.Option(help="Eigenvalue method: lanczos (default engine) or power (PyHessian's).")] = None,
     tol: Annotated[float, typer.Option(help="Relative tolerance of the eigenvalue estimates.")] = 1e-3,
-    lanczos_start: Annotated[str, typer.Option(help="Lanczos start vector: gradient (the loss gradient plus a Gaussian vector; fewer products) or random.")] = "gradient",
+    lanczos_start: Annotated[str, typer.Option(help="Lanczos start vector: gradient (the loss gradient plus a Gaussian vector, which needs fewer products) or random.")] = "gradient",
     examples: Annotated[int, typer.Option(help="Examples in the fixed set the Hessian is averaged over (class-balanced subset).")] = 512,
     split: Annotated[str, typer.Option(help="Split the examples come from.")] = "train",
     batch_size: Annotated[int, typer.Option(help="Examples per Hessian-vector product batch; the result does not depend on it.")] = 128,
@@ -251,6 +251,8 @@ def hessian(
     def body() -> None:
         from .hessian import plot_density, plot_top_eigenvalues
 
+        if lanczos_start not in ("gradient", "random"):
+            raise ValueError(f"unknown --lanczos-start {lanczos_start!r}; choose gradient or random")
         target = _resolve_device(device)
         models = _load_all(checkpoints, _load_options(arch, model_def, num_classes, in_channels, input_size, mean, std, trust_checkpoint, allow_partial, ema, target))
         unknown = sorted(set(skip or []) - {"eigenvalues", "trace", "density"})

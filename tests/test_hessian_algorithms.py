@@ -227,6 +227,52 @@ def test_lanczos_gradient_start_matches_eigvalsh(problems):
     assert result.values == pytest.approx(exact.flip(0)[:5].tolist(), rel=1e-6)
 
 
+def test_lanczos_restarts_from_start_seed():
+    # A zero gradient gives the Gaussian vector of seed 0. Lanczos draws the same vector first
+    # when it restarts after the invariant subspace, so the restart must draw again.
+    operator = MatrixOperator(torch.eye(6, dtype=torch.float64))
+    start = gradient_start(operator, torch.zeros(6, dtype=torch.float64), seed=0)
+
+    result = lanczos(operator, k=3, start=start, seed=0)
+
+    assert result.values == pytest.approx([1.0, 1.0, 1.0], rel=1e-12)
+    assert result.converged
+
+
+def test_lanczos_flags_nonlinear_operator(caplog):
+    # A product with a non-linear term: the recurrence's residual estimates look converged while
+    # the explicit residuals do not.
+    matrix = spectrum_matrix([10.0, 6.0, 3.0] + [0.5] * 27, seed=1)
+
+    class Kinked(MatrixOperator):
+        def matvec(self, vector):
+            return super().matvec(vector) + 0.5 * vector.abs()
+
+    result = lanczos(Kinked(matrix), k=2, tol=1e-6)
+
+    assert result.converged is False
+    assert "not linear and symmetric" in caplog.text
+
+
+def test_power_largest_on_a_large_shift():
+    # The shift by the dominant eigenvalue (300) must not make the change-based stop fire early.
+    generator = torch.Generator().manual_seed(0)
+    bulk = torch.rand(997, generator=generator, dtype=torch.float64) * 1e-3
+    operator = MatrixOperator(torch.diag(torch.cat([torch.tensor([300.0, 120.0, 70.0], dtype=torch.float64), bulk])))
+
+    result = power_iteration(operator, k=3, which="largest")
+
+    assert result.values == pytest.approx([300.0, 120.0, 70.0], rel=1e-2)
+
+
+def test_norm_without_underflow_or_overflow():
+    tiny = torch.full((1000,), 1e-200, dtype=torch.float64)
+    huge = torch.full((1000,), 1e200, dtype=torch.float64)
+
+    assert norm(tiny) == pytest.approx(1e-200 * math.sqrt(1000.0), rel=1e-12)
+    assert norm(huge) == pytest.approx(1e200 * math.sqrt(1000.0), rel=1e-12)
+
+
 def test_lanczos_rejects_bad_start():
     operator = MatrixOperator(torch.eye(4, dtype=torch.float64))
 
@@ -236,6 +282,8 @@ def test_lanczos_rejects_bad_start():
         lanczos(operator, start=torch.zeros(4, dtype=torch.float64))
     with pytest.raises(HessianError, match=r"gradient must have shape \(4,\), got \(2,\)"):
         gradient_start(operator, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(HessianError, match=r"start must be a torch.Tensor of shape \(4,\), got list"):
+        lanczos(operator, start=[1.0] * 4)
 
 
 def test_lanczos_rejects_bad_arguments():

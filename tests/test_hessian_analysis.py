@@ -100,6 +100,22 @@ def test_lanczos_starts_match_dense(start):
     assert report.settings.lanczos_start == start
 
 
+def test_gradient_start_at_zero_gradient():
+    # Zero weights and every input seen with both signs: the gradient vanishes and the top
+    # eigenvalue 1/15 is repeated.
+    model = nn.Linear(5, 3, bias=False)
+    nn.init.zeros_(model.weight)
+    inputs = torch.cat([torch.eye(5), -torch.eye(5)] * 3)
+    targets = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
+    batches = [(inputs, targets)]
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batches))
+
+    report = analyze_hessian(model, batches, quantities=["eigenvalues"], top_k=3, tol=1e-8, dtype=torch.float64)
+
+    assert report.gradient_norm < 1e-12
+    assert report.top_eigenvalues == pytest.approx(exact.flip(0)[:3].tolist(), rel=1e-6)
+
+
 def test_old_report_loads_random_start(tmp_path):
     case = case_by_name("mlp")
     report = analyze_hessian(case.model, case.batches, quantities=["eigenvalues"], top_k=1)

@@ -119,6 +119,9 @@ def test_matvec_rejects_wrong_out():
 
     with pytest.raises(HessianError, match=r"out must be a torch.float64 tensor of shape \(57,\) on cpu, got torch.float32 \(57,\) on cpu"):
         operator.matvec(torch.zeros(57, dtype=torch.float64), out=torch.zeros(57))
+    shared = torch.zeros(57, dtype=torch.float64)
+    with pytest.raises(HessianError, match=r"out shares memory with vector; pass a separate tensor for the product"):
+        operator.matvec(shared, out=shared)
 
 
 def test_data_gradient_matches_autograd():

@@ -115,7 +115,7 @@ def test_hessian_cli_unknown_start(checkpoint, tmp_path):
     result = runner.invoke(app, ["hessian", str(checkpoint), "--lanczos-start", "ones", "--out", str(tmp_path / "h")])
 
     assert result.exit_code != 0
-    assert "lanczos_start must be 'gradient' or 'random', got 'ones'" in result.output
+    assert "unknown --lanczos-start 'ones'; choose gradient or random" in result.output
     assert not (tmp_path / "h").exists()
 
 

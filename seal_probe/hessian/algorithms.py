@@ -160,7 +160,13 @@ def _orthogonalise(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return vector
 
 
+# Gaussian draws tried when Lanczos restarts in the orthogonal complement of an invariant subspace.
+RESTART_DRAWS = 3
+
+
 def _check_start(operator: LinearOperator, start: torch.Tensor) -> torch.Tensor:
+    if not isinstance(start, torch.Tensor):
+        raise HessianError(f"start must be a torch.Tensor of shape ({operator.size},), got {type(start).__name__}")
     if start.shape != (operator.size,):
         raise HessianError(f"start must have shape ({operator.size},), got {tuple(start.shape)}")
     start = start.to(device=operator.device, dtype=operator.dtype)
@@ -181,13 +187,18 @@ def gradient_start(operator: LinearOperator, gradient: torch.Tensor, *, seed: in
     eigenvector orthogonal to the gradient is still found. A zero or non-finite gradient gives the
     Gaussian vector alone.
     """
+    if not isinstance(gradient, torch.Tensor):
+        raise HessianError(f"gradient must be a torch.Tensor of shape ({operator.size},), got {type(gradient).__name__}")
     gaussian = _gaussian_vector(operator, _generator(operator, seed))
     gaussian.div_(_norm(gaussian))
     gradient = gradient.to(device=operator.device, dtype=operator.dtype)
     if gradient.shape != (operator.size,):
         raise HessianError(f"gradient must have shape ({operator.size},), got {tuple(gradient.shape)}")
     norm = _norm(gradient)
-    if not math.isfinite(norm) or norm == 0.0:
+    if not math.isfinite(norm):
+        logger.warning("The gradient contains NaN or infinite values (norm %s); starting Lanczos from a Gaussian vector", norm)
+        return gaussian
+    if norm == 0.0:
         return gaussian
     return gaussian.add_(gradient, alpha=1.0 / norm)
 
@@ -286,9 +297,18 @@ def _lanczos_process(
             break
 
         if betas[-1] == 0.0:
-            # Invariant subspace found: continue in its orthogonal complement.
-            residual = _orthogonalise(_gaussian_vector(operator, generator), basis[:count])
-            beta = _norm(residual)
+            # Invariant subspace found: continue in its orthogonal complement. A draw that lies in
+            # the span, such as a start vector drawn from the same seed, is drawn again.
+            for _ in range(RESTART_DRAWS):
+                fresh = _gaussian_vector(operator, generator)
+                fresh_norm = _norm(fresh)
+                residual = _orthogonalise(fresh, basis[:count])
+                beta = _norm(residual)
+                if beta > breakdown * fresh_norm:
+                    break
+            else:
+                exhausted = True
+                break
         if count == basis.shape[0]:
             grown = torch.empty((min(2 * count, max_steps), size), device=operator.device, dtype=operator.dtype)
             grown[:count] = basis
@@ -364,6 +384,9 @@ def lanczos(
     after every product with the ascending Ritz values.
 
     The basis stores one vector per step, so memory is about max_iter * n * itemsize bytes.
+    NOTE: from one start vector Lanczos finds one copy of an exactly repeated eigenvalue unless its
+    Krylov space is exhausted. A second copy can then be missing from the k values while the run
+    reports convergence. Runs from two starts (lanczos_start "gradient" and "random") expose it.
     """
     _require_int("k", k, 1)
     _require_tol(tol)
@@ -417,14 +440,31 @@ def lanczos(
         vector.div_(_norm(vector))
     values = [float(ritz_values[index]) for index in indices]
 
+    estimates = [abs(krylov.betas[-1] * float(ritz_vectors[-1, index])) for index in indices]
     if explicit_residuals:
         residuals = []
         for value, vector in zip(values, eigenvectors):
             residuals.append(_norm(operator.matvec(vector) - value * vector))
+        floor = relative_floor * max(abs(value) for value in values)
+        inconsistent = [
+            (value, residual)
+            for value, residual, estimate in zip(values, residuals, estimates)
+            if residual > max(10.0 * estimate, tol * max(abs(value), floor))
+        ]
+        if inconsistent:
+            converged = False
+            value, residual = inconsistent[0]
+            logger.warning(
+                "Lanczos's residual estimates are far below the explicit residuals (eigenvalue %.6g: residual %.3g), "
+                "so the operator is not linear and symmetric to working precision; finite differences across "
+                "non-smooth operations such as ReLU do this. Treat these eigenvalues as unconverged",
+                value,
+                residual,
+            )
     else:
-        residuals = [abs(krylov.betas[-1] * float(ritz_vectors[-1, index])) for index in indices]
+        residuals = estimates
 
-    if not converged:
+    if not converged and not (explicit_residuals and inconsistent):
         logger.warning(
             "Lanczos stopped after %d products before every requested eigenvalue reached tol=%g; "
             "raise max_iter for tighter values",
@@ -464,12 +504,15 @@ def _deflated_power(
     max_iter: int,
     tol: float,
     generator: torch.Generator,
+    shift: float = 0.0,
 ) -> list[_PowerPair]:
     """PyHessian's deflated power iteration: one eigenpair at a time, orthogonal to the locked vectors.
 
     Each eigenpair starts from a Gaussian vector and stops when the Rayleigh quotient changes by
     less than tol relative, |lambda_new - lambda_old| / (|lambda_old| + 1e-6) < tol, or after
-    max_iter products.
+    max_iter products. For an operator A + shift * I the rule is applied to the quotients of A
+    (lambda - shift): relative to the shifted quotient it would stop after a couple of steps
+    whenever the shift is large.
     """
     pairs: list[_PowerPair] = []
     for _ in range(count):
@@ -483,7 +526,7 @@ def _deflated_power(
             product = operator.matvec(vector)
             quotient = _dot(product, vector)
             residual = _norm(torch.add(product, vector, alpha=-quotient))
-            converged = previous is not None and abs(previous - quotient) / (abs(previous) + 1e-6) < tol
+            converged = previous is not None and abs(previous - quotient) / (abs(previous - shift) + 1e-6) < tol
             pair = _PowerPair(quotient, vector, residual, iteration, converged)
             norm = _norm(product)
             if converged or norm == 0.0:
@@ -537,7 +580,7 @@ def power_iteration(
         found = [dominant] if sign * dominant.value >= 0 else []
         shift = sign * abs(dominant.value)
         shifted = ShiftedOperator(operator, shift)
-        rest = _deflated_power(shifted, k - len(found), locked=[pair.vector for pair in found], **options)
+        rest = _deflated_power(shifted, k - len(found), locked=[pair.vector for pair in found], shift=shift, **options)
         for pair in rest:
             pair.value -= shift
         pairs = found + rest

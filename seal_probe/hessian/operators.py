@@ -245,6 +245,21 @@ def load_batches(
     return loaded
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Return whether two tensors may share elements: same storage and overlapping byte ranges."""
+    if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+        begin = tensor.storage_offset() * tensor.element_size()
+        span = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+        return begin, begin + (span + 1) * tensor.element_size()
+
+    a_begin, a_end = byte_range(a)
+    b_begin, b_end = byte_range(b)
+    return a_begin < b_end and b_begin < a_end
+
+
 def copy_model(model: nn.Module, *, dtype: torch.dtype | None, mode: ModelMode) -> nn.Module:
     """Return a private deep copy in the requested dtype and mode, with requires_grad off everywhere.
 
@@ -536,6 +551,8 @@ class HessianOperator:
                 f"out must be a {self._dtype} tensor of shape ({self._size},) on {self._device}, "
                 f"got {out.dtype} {tuple(out.shape)} on {out.device}"
             )
+        if out is not None and _overlap(out, vector):
+            raise HessianError("out shares memory with vector; pass a separate tensor for the product")
         vector = vector.to(device=self._device, dtype=self._dtype)
 
         with deterministic_numerics(), torch.enable_grad():

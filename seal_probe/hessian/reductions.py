@@ -36,10 +36,19 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def norm(vector: torch.Tensor) -> float:
-    """Return the Euclidean norm of a 1-D tensor with per-chunk norms combined in float64."""
+    """Return the Euclidean norm of a 1-D tensor with per-chunk norms combined in float64.
+
+    When the squares underflow to 0 or overflow (entries near 1e-200 or 1e200 in float64), the
+    vector is scaled by its largest magnitude first.
+    """
     rows, tail = split_chunks(vector)
-    squares = torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum()
-    return math.sqrt(float(squares))
+    squares = float(torch.linalg.vector_norm(rows, dim=1).double().square().sum() + tail.double().square().sum())
+    if 0.0 < squares < math.inf:
+        return math.sqrt(squares)
+    largest = float(vector.abs().max()) if vector.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    return largest * norm(vector / largest)
 
 
 def projections(basis: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
