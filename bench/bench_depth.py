@@ -291,16 +291,12 @@ def main() -> None:
         "k": K,
     }
     report["time"] = measure_time(args)
-    if args.skip_memory:
-        print(json.dumps(report, indent=2))
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
-        return
-    report["memory_8_layers"] = memory_in_subprocess(args, 8)
-    report["memory_4_layers"] = memory_in_subprocess(args, 4)
-    eight, four = report["memory_8_layers"], report["memory_4_layers"]
-    report["memory_ratio_8_to_4"] = eight["peak_rss_during_run_mib"] / four["peak_rss_during_run_mib"]
-    report["memory_increase_ratio_8_to_4"] = eight["peak_increase_mib"] / four["peak_increase_mib"]
+    if not args.skip_memory:
+        report["memory_8_layers"] = memory_in_subprocess(args, 8)
+        report["memory_4_layers"] = memory_in_subprocess(args, 4)
+        eight, four = report["memory_8_layers"], report["memory_4_layers"]
+        report["memory_ratio_8_to_4"] = eight["peak_rss_during_run_mib"] / four["peak_rss_during_run_mib"]
+        report["memory_increase_ratio_8_to_4"] = eight["peak_increase_mib"] / four["peak_increase_mib"]
 
     text = json.dumps(report, indent=2)
     print(text)

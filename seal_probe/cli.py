@@ -250,8 +250,9 @@ def hessian(
 
     def body() -> None:
         from .hessian import plot_density, plot_top_eigenvalues
+        from .hessian.analysis import LANCZOS_STARTS
 
-        if lanczos_start not in ("gradient", "random"):
+        if lanczos_start not in LANCZOS_STARTS:
             raise ValueError(f"unknown --lanczos-start {lanczos_start!r}; choose gradient or random")
         target = _resolve_device(device)
         models = _load_all(checkpoints, _load_options(arch, model_def, num_classes, in_channels, input_size, mean, std, trust_checkpoint, allow_partial, ema, target))

@@ -164,12 +164,17 @@ def _orthogonalise(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 RESTART_DRAWS = 3
 
 
+def _operator_vector(name: str, operator: LinearOperator, vector: torch.Tensor) -> torch.Tensor:
+    """Return vector on the operator's device and dtype, or raise if it is not a tensor of the operator's size."""
+    if not isinstance(vector, torch.Tensor):
+        raise HessianError(f"{name} must be a torch.Tensor of shape ({operator.size},), got {type(vector).__name__}")
+    if vector.shape != (operator.size,):
+        raise HessianError(f"{name} must have shape ({operator.size},), got {tuple(vector.shape)}")
+    return vector.to(device=operator.device, dtype=operator.dtype)
+
+
 def _check_start(operator: LinearOperator, start: torch.Tensor) -> torch.Tensor:
-    if not isinstance(start, torch.Tensor):
-        raise HessianError(f"start must be a torch.Tensor of shape ({operator.size},), got {type(start).__name__}")
-    if start.shape != (operator.size,):
-        raise HessianError(f"start must have shape ({operator.size},), got {tuple(start.shape)}")
-    start = start.to(device=operator.device, dtype=operator.dtype)
+    start = _operator_vector("start", operator, start)
     norm = _norm(start)
     if not math.isfinite(norm) or norm == 0.0:
         raise HessianError(f"start must be a finite, non-zero vector, got norm {norm}")
@@ -187,13 +192,9 @@ def gradient_start(operator: LinearOperator, gradient: torch.Tensor, *, seed: in
     eigenvector orthogonal to the gradient is still found. A zero or non-finite gradient gives the
     Gaussian vector alone.
     """
-    if not isinstance(gradient, torch.Tensor):
-        raise HessianError(f"gradient must be a torch.Tensor of shape ({operator.size},), got {type(gradient).__name__}")
+    gradient = _operator_vector("gradient", operator, gradient)
     gaussian = _gaussian_vector(operator, _generator(operator, seed))
     gaussian.div_(_norm(gaussian))
-    gradient = gradient.to(device=operator.device, dtype=operator.dtype)
-    if gradient.shape != (operator.size,):
-        raise HessianError(f"gradient must have shape ({operator.size},), got {tuple(gradient.shape)}")
     norm = _norm(gradient)
     if not math.isfinite(norm):
         logger.warning("The gradient contains NaN or infinite values (norm %s); starting Lanczos from a Gaussian vector", norm)
@@ -441,6 +442,7 @@ def lanczos(
     values = [float(ritz_values[index]) for index in indices]
 
     estimates = [abs(krylov.betas[-1] * float(ritz_vectors[-1, index])) for index in indices]
+    inconsistent: list[tuple[float, float]] = []
     if explicit_residuals:
         residuals = []
         for value, vector in zip(values, eigenvectors):
@@ -464,7 +466,7 @@ def lanczos(
     else:
         residuals = estimates
 
-    if not converged and not (explicit_residuals and inconsistent):
+    if not converged and not inconsistent:
         logger.warning(
             "Lanczos stopped after %d products before every requested eigenvalue reached tol=%g; "
             "raise max_iter for tighter values",

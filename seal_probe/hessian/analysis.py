@@ -33,6 +33,8 @@ from seal_probe.hessian.selection import ParameterSpec, select_parameters
 logger = logging.getLogger(__name__)
 
 QUANTITIES = ("eigenvalues", "trace", "density")
+LANCZOS_STARTS = ("gradient", "random")
+
 # PyHessian's authors (Yao et al. 2020) report that estimates on small samples vary widely (top
 # eigenvalue 159 to 1587 over ten runs on 128 examples) and that about 4,096 CIFAR-10 examples
 # give stable numbers.
@@ -175,7 +177,7 @@ def load_report(path: str | Path) -> HessianReport:
 
 
 def _validate_choices(
-    *, engine: str, method: str, which: str, trace_method: str, quantities: Sequence[str]
+    *, engine: str, method: str, which: str, trace_method: str, quantities: Sequence[str], lanczos_start: str
 ) -> None:
     if engine not in ("default", "pyhessian"):
         raise HessianError(f"engine must be 'default' or 'pyhessian', got {engine!r}")
@@ -185,6 +187,8 @@ def _validate_choices(
         raise HessianError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
     if trace_method not in ("hutchinson", "hutchpp"):
         raise HessianError(f"trace_method must be 'hutchinson' or 'hutchpp', got {trace_method!r}")
+    if lanczos_start not in LANCZOS_STARTS:
+        raise HessianError(f"lanczos_start must be 'gradient' or 'random', got {lanczos_start!r}")
     unknown = [name for name in quantities if name not in QUANTITIES]
     if unknown or not quantities:
         raise HessianError(f"quantities must be a non-empty subset of {list(QUANTITIES)}, got {list(quantities)}")
@@ -297,9 +301,9 @@ def analyze_hessian(
     if method is None:
         method = "power" if engine == "pyhessian" else "lanczos"
     quantities = list(dict.fromkeys(quantities))
-    _validate_choices(engine=engine, method=method, which=which, trace_method=trace_method, quantities=quantities)
-    if lanczos_start not in ("gradient", "random"):
-        raise HessianError(f"lanczos_start must be 'gradient' or 'random', got {lanczos_start!r}")
+    _validate_choices(
+        engine=engine, method=method, which=which, trace_method=trace_method, quantities=quantities, lanczos_start=lanczos_start
+    )
     if "eigenvalues" in quantities and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise HessianError(f"top_k must be an integer >= 1, got {top_k!r}")
     seeds = {"eigenvalues": seed, "trace": seed + 1, "density": seed + 2}

@@ -483,7 +483,7 @@ class HessianOperator:
         if cache_graph is None:
             cache_graph = may_cache and not self._once_differentiable
         self.cache_graph = bool(cache_graph)
-        if not self.cache_graph or self._once_differentiable:
+        if not self.cache_graph:
             self._cache_leaves, self._cached_gradients = (), None
 
         self._shapes = [primal.shape for primal in self._primals]
@@ -558,10 +558,8 @@ class HessianOperator:
         with deterministic_numerics(), torch.enable_grad():
             if self._resolved_mode == "finite_differences":
                 product = self._finite_difference_product(vector)
-            elif self._resolved_mode == "double_backward":
-                product = self._double_backward_product(self._unflatten(vector), out=out)
             else:
-                product = self._automatic_product(self._unflatten(vector))
+                product = self._automatic_product(self._unflatten(vector), out=out)
         if out is not None and product is not out:
             product = out.copy_(product)
         if self.weight_decay:
@@ -670,7 +668,6 @@ class HessianOperator:
                     else:
                         totals[position] = total + weight * grad
 
-
         used_pairs = []
         for name, primal, is_used in zip(self._names, self._primals, used):
             if is_used:
@@ -762,7 +759,8 @@ class HessianOperator:
                 "and the model for overflow"
             )
 
-    def _automatic_product(self, tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _automatic_product(self, tangents: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return H @ tangents in the resolved mode. Only double backward writes into out. matvec copies the other products there."""
         if self._resolved_mode == "auto":
             return self._choose_mode(tangents)
         if self._resolved_mode == "forward_over_reverse":
@@ -773,7 +771,7 @@ class HessianOperator:
                     f"forward-over-reverse differentiation failed{describe_derivative_error(error)} "
                     f"({str(error).splitlines()[0]}); use hvp_mode='auto' or 'double_backward', or finite_differences=True"
                 ) from error
-        return self._double_backward_product(tangents)
+        return self._double_backward_product(tangents, out=out)
 
     def _choose_mode(self, tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Time the first product with both differentiation modes and keep the faster one.
